@@ -1,0 +1,34 @@
+# Set-up on a fresh machine happens here: `make demo` (the main job) and `make test` (the test suite)
+# create .venv when missing and install everything they need into it.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.flatlora-installed
+
+.PHONY: setup demo compare test test-distributed bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt scripts/install_assets.sh
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: the local CPU wheel, never a multi-GB CUDA build
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e ".[experiments,dev]"
+	bash scripts/install_assets.sh $(PY)
+	touch $@
+
+demo: setup
+	$(VENV)/bin/flatlora compare
+
+test: setup
+	$(PY) -m pytest -q -m "not slow"
+
+test-distributed: setup
+	$(PY) -m pytest -q -m distributed
+
+bench: setup
+	$(PY) benchmarks/overhead.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -1,0 +1,120 @@
+"""Shared plumbing for the typed config dataclasses: dict/JSON/YAML round trips and argparse flags.
+
+Every field carries its help text in ``field(metadata={"help": ...})``; the same text documents the
+dataclass, drives ``--help`` of the CLI and names the field in error messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def help_field(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field with help text; list defaults are copied per instance."""
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda d=default: list(d), metadata={"help": help}, **kwargs)
+    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return list(v)
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    if not isinstance(data, dict):
+        raise ValueError(f"{cls.__name__} expects a mapping of field names to values, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; valid fields: {sorted(names)}")
+    return cls(**data)
+
+
+def load_file(cls: type[T], path: str | Path) -> T:
+    """Read a config from ``.json``, ``.yaml`` or ``.yml``."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    elif path.suffix == ".json":
+        data = json.loads(text)
+    else:
+        raise ValueError(f"config file {str(path)!r} must end in .json, .yaml or .yml")
+    return from_dict(cls, data)
+
+
+def dump_file(obj: Any, path: str | Path) -> Path:
+    """Write a config as ``.json`` or ``.yaml``/``.yml``, chosen by the suffix."""
+    path = Path(path)
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        text = yaml.safe_dump(to_dict(obj), sort_keys=False)
+    elif path.suffix == ".json":
+        text = json.dumps(to_dict(obj), indent=2) + "\n"
+    else:
+        raise ValueError(f"config file {str(path)!r} must end in .json, .yaml or .yml")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """Return (element type, is_list) of a field annotation such as ``list[str] | None``."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        return (args[0] if args else str), True
+    if args and origin is not None:  # Optional[...] / X | None
+        return _base_type(args[0])
+    return tp, False
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
+    """Add one ``--flag`` per dataclass field; defaults stay ``None`` so unset flags can be told apart."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("cli") is False:
+            continue
+        tp, is_list = _base_type(hints[f.name])
+        flag = "--" + prefix + f.name.replace("_", "-")
+        helptext = f.metadata.get("help", "")
+        if f.default is not dataclasses.MISSING:
+            helptext += f" (default: {f.default!r})"
+        if tp is bool:
+            parser.add_argument(flag, dest=prefix + f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=helptext)
+        elif is_list:
+            parser.add_argument(flag, dest=prefix + f.name, nargs="*", type=tp, default=None, help=helptext)
+        else:
+            parser.add_argument(flag, dest=prefix + f.name, type=tp if tp in (int, float) else str, default=None,
+                                help=helptext)
+
+
+def overrides(ns: argparse.Namespace, cls: type, prefix: str = "") -> dict[str, Any]:
+    """The fields the user set on the command line, as a dict for ``dataclasses.replace`` or ``cls(**...)``."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        v = getattr(ns, prefix + f.name, None)
+        if v is not None:
+            out[f.name] = v
+    return out

@@ -1,0 +1,54 @@
+"""The ``flatlora`` command: parses arguments and calls the library, nothing else.
+
+Each sub-command lives beside the code it drives and exposes ``register(subparsers)``, which adds its
+parser and sets ``func`` (called with the parsed namespace; returns an exit code). Modules are imported
+only to register their flags: heavy imports happen inside ``func``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# sub-command modules, in the order ``flatlora --help`` lists them
+_COMMAND_MODULES = (
+    "flatlora.experiments.cli",
+    "flatlora.analysis.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="flatlora",
+        description="Flat-LoRA: LoRA fine-tuning in flat minima of the full weight space.")
+    parser.add_argument("--version", action="version", version=f"flatlora {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and name.startswith(exc.name):
+                continue  # that part of the package is not there (yet)
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as exc:  # bad input: one clear line, no traceback
+        print(f"flatlora {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

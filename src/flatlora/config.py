@@ -1,0 +1,99 @@
+"""`FlatLoraConfig`: every knob of the method in one validated, serialisable dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import _dataclass_io as dio
+from .schedule import SCHEDULES
+
+MODES = ("auto", "exact", "inplace")
+
+
+@dataclass
+class FlatLoraConfig:
+    """Configuration of Flat-LoRA's random weight perturbation.
+
+    The noise of layer ``l`` at optimizer step ``t`` is ``E[i, :] ~ N(0, sigma_t^2 ||W[i, :]||^2 / n I)``
+    with ``W`` the merged weight, ``n`` its fan-in and ``sigma_t`` given by ``schedule`` and ``rho``.
+    """
+
+    rho: float = dio.help_field(
+        0.05, "relative noise strength reached at the last step (paper: 0.05 text, 0.15 vision; 0 = plain LoRA)")
+    schedule: str = dio.help_field("cosine", f"how sigma ramps from 0 to rho over the run: {', '.join(SCHEDULES)}")
+    seed: int = dio.help_field(0, "noise seed; the noise of (step, rank, layer) is a pure function of it")
+    mode: str = dio.help_field(
+        "auto",
+        "exact: never write base weights, regenerate the noise in backward (any dtype, quantized, sharded); "
+        "inplace: add/subtract the noise in the fp32 base weights (the paper's way); auto: exact")
+    target_modules: list[str] | None = dio.help_field(
+        None,
+        "regexes (re.search on module names) choosing the perturbed layers; default: every LoRA layer. "
+        "A pattern may also select plain Linear/Conv/Embedding modules to widen the perturbation")
+    exclude_modules: list[str] = dio.help_field([], "regexes of module names never perturbed")
+    same_noise_across_ranks: bool = dio.help_field(
+        False, "draw the same noise on every data-parallel rank (default: an independent sample per rank)")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rho, bool) or not isinstance(self.rho, (int, float)):
+            raise ValueError(f"rho={self.rho!r} must be a number >= 0, e.g. 0.05")
+        if not math.isfinite(self.rho) or self.rho < 0:
+            raise ValueError(f"rho={self.rho!r} must be finite and >= 0 (paper: 0.05 for text, 0.15 for vision)")
+        self.rho = float(self.rho)
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed={self.seed!r} must be a non-negative integer")
+        if isinstance(self.target_modules, str):
+            self.target_modules = [self.target_modules]
+        if isinstance(self.exclude_modules, str):
+            self.exclude_modules = [self.exclude_modules]
+        for name in ("target_modules", "exclude_modules"):
+            pats = getattr(self, name)
+            if pats is None:
+                continue
+            pats = list(pats)
+            for p in pats:
+                try:
+                    re.compile(p)
+                except (re.error, TypeError) as exc:
+                    raise ValueError(f"{name} pattern {p!r} is not a valid regular expression: {exc}") from None
+            setattr(self, name, pats)
+        if self.target_modules is not None and not self.target_modules:
+            raise ValueError("target_modules=[] selects nothing; use None for every LoRA layer")
+        if not isinstance(self.same_noise_across_ranks, bool):
+            raise ValueError(f"same_noise_across_ranks={self.same_noise_across_ranks!r} must be true or false")
+
+    # --- serialisation -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dio.to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "FlatLoraConfig":
+        return dio.from_dict(cls, data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "FlatLoraConfig":
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | Path) -> Path:
+        """Write as JSON or YAML, chosen by the file suffix."""
+        return dio.dump_file(self, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FlatLoraConfig":
+        return dio.load_file(cls, path)
+
+    def replace(self, **changes: Any) -> "FlatLoraConfig":
+        return dataclasses.replace(self, **changes)

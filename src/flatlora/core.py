@@ -1,0 +1,222 @@
+"""`FlatLora`: put a PEFT model at ``W + E`` for one optimizer step, then back at ``W``.
+
+    flat = FlatLora(peft_model, FlatLoraConfig(rho=0.05), total_steps=T)
+    for t, batch in enumerate(loader, start=1):    # t = optimizer step, 1..T
+        with flat.perturbed(t):                     # every micro-batch of step t sees the same E
+            model(**batch).loss.backward()
+        optimizer.step(); optimizer.zero_grad()
+
+Two ways to run at ``W + E`` (both draw the same ``E`` for the same ``(seed, t, rank, layer)``):
+
+* ``exact``: nothing is written. Each base layer computes ``op(x, W_base + E, b)`` through `PerturbedOp`
+  (its ``forward`` is swapped for the context's lifetime only), or, for layers whose output does not come
+  from one base matmul (DoRA, bitsandbytes), a forward hook adds ``op(x, E)`` to the LoRA layer's output.
+  ``E`` is regenerated from its seed in backward. Base weights stay bit-identical in every dtype.
+* ``inplace``: the paper's way: ``W_base += E`` on entry and ``W_base -= E`` (regenerated) on exit; fp32
+  only, where the restore error is fp32 rounding (~1e-7 relative).
+
+The noise scale is computed once per step from the merged weight (see `flatlora.targets`), before any
+noise is applied, and kept as an ``(m,)`` fp32 vector per layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from .config import FlatLoraConfig
+from .exact import PerturbedOp
+from .noise import NoiseSpec, layer_seed, row_scale
+from .schedule import sigma_at
+from .targets import Target, find_targets
+
+
+def _rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
+
+
+def _is_dtensor(w: torch.Tensor) -> bool:
+    return type(w).__name__ == "DTensor"
+
+
+def _check_int(name: str, v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"{name}={v!r} must be an int")
+    return v
+
+
+@dataclass
+class _Applied:
+    """What one ``perturb(t)`` changed, so ``restore()`` can undo exactly that."""
+
+    step: int
+    specs: list[tuple[Target, NoiseSpec]]
+    undo: list[Callable[[], None]] = field(default_factory=list)
+
+
+class FlatLora:
+    """Flat-LoRA's weight perturbation for a PEFT model (see the module docstring for the protocol).
+
+    Args:
+        model: the model holding PEFT LoRA layers (a ``PeftModel``, or any module containing them).
+        config: a `FlatLoraConfig` (default: ``FlatLoraConfig()``).
+        total_steps: ``T``, the number of optimizer steps of the run; ``sigma_T = rho``.
+    """
+
+    def __init__(self, model: nn.Module, config: FlatLoraConfig | None = None, total_steps: int = 1) -> None:
+        if config is None:
+            config = FlatLoraConfig()
+        if not isinstance(config, FlatLoraConfig):
+            raise ValueError(f"config must be a FlatLoraConfig, got {type(config).__name__}")
+        if _check_int("total_steps", total_steps) <= 0:
+            raise ValueError(f"total_steps={total_steps!r} must be > 0: the number of optimizer steps of the run")
+        self.model = model
+        self.config = config
+        self.total_steps = total_steps
+        self._targets = find_targets(model, config.target_modules, config.exclude_modules)
+        self.mode = "exact" if config.mode == "auto" else config.mode
+        if self.mode == "inplace":
+            self._check_inplace()
+        self._applied: _Applied | None = None
+
+    # --- inspection ------------------------------------------------------------------------------------
+    @property
+    def targets(self) -> list[str]:
+        """Module names of the perturbed layers, in noise-index order."""
+        return [t.name for t in self._targets]
+
+    @property
+    def target_layers(self) -> list[Target]:
+        return list(self._targets)
+
+    @property
+    def is_perturbed(self) -> bool:
+        return self._applied is not None
+
+    @property
+    def rank(self) -> int:
+        """The rank that enters the noise seed (0 on every rank with ``same_noise_across_ranks``)."""
+        return 0 if self.config.same_noise_across_ranks else _rank()
+
+    def sigma(self, t: int) -> float:
+        """``sigma_t`` of the configured schedule at optimizer step ``t`` (``0 <= t <= total_steps``)."""
+        return sigma_at(_check_int("t", t), self.total_steps, self.config.rho, self.config.schedule)
+
+    def noise_specs(self, t: int) -> list[tuple[Target, NoiseSpec]]:
+        """Seed and row std of every layer's noise at step ``t``, from the current merged weights."""
+        sigma = self.sigma(t)
+        rank = self.rank
+        out = []
+        for target in self._targets:
+            w = target.merged_weight()
+            spec = NoiseSpec(layer_seed(self.config.seed, t, rank, target.index), row_scale(w, sigma), tuple(w.shape))
+            out.append((target, spec))
+        return out
+
+    def noise(self, t: int) -> dict[str, torch.Tensor]:
+        """Materialise ``E`` of every layer at step ``t`` (logical layout, fp32): for checks and analysis."""
+        return {target.name: spec.sample() for target, spec in self.noise_specs(t)}
+
+    # --- perturbation ----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def perturbed(self, t: int) -> Iterator["FlatLora"]:
+        """Run the body at ``W + E_t``; the model is back at ``W`` afterwards, also if the body raises."""
+        self.perturb(t)
+        try:
+            yield self
+        finally:
+            self.restore()
+
+    def perturb(self, t: int) -> None:
+        """Apply the noise of step ``t``. Pair with `restore` (the callback does); prefer `perturbed`."""
+        if self._applied is not None:
+            raise RuntimeError(
+                f"the model is already perturbed for step {self._applied.step}; perturbed() does not nest: "
+                "leave the first context (or call restore()) before perturbing again")
+        sigma = self.sigma(t)
+        if self.mode == "inplace":
+            self._check_inplace()
+        specs = self.noise_specs(t) if sigma > 0 else []
+        applied = _Applied(step=t, specs=specs)
+        try:
+            for target, spec in specs:
+                applied.undo.append(self._apply_inplace(target, spec) if self.mode == "inplace"
+                                    else self._apply_exact(target, spec))
+        except BaseException:
+            _undo_all(applied.undo)
+            raise
+        self._applied = applied
+
+    def restore(self) -> None:
+        """Return the model to ``W`` (a no-op when it is not perturbed)."""
+        applied, self._applied = self._applied, None
+        if applied is not None:
+            _undo_all(applied.undo)
+
+    # --- the two modes ---------------------------------------------------------------------------------
+    def _apply_exact(self, target: Target, spec: NoiseSpec) -> Callable[[], None]:
+        op = target.op
+        base = target.base
+        if target.quantized or target.dora_adapter() is not None or "forward" in base.__dict__:
+            # The output is not one base matmul (DoRA rescales it, bitsandbytes has its own kernel, another
+            # library replaced forward): add op(x, E) to the layer's output instead, exact on every path.
+            def add_noise(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+                return output + PerturbedOp.apply(args[0], None, None, spec, op).to(output.dtype)
+
+            return target.module.register_forward_hook(add_noise).remove
+
+        def noisy_forward(x: torch.Tensor) -> torch.Tensor:
+            return PerturbedOp.apply(x, target.logical(base.weight), base.bias, spec, op)
+
+        base.forward = noisy_forward  # an instance attribute: shadows the class's forward until deleted
+        return lambda: base.__dict__.pop("forward", None)
+
+    def _apply_inplace(self, target: Target, spec: NoiseSpec) -> Callable[[], None]:
+        weight = target.base.weight
+        with torch.no_grad():
+            target.logical(weight).add_(spec.sample(weight.dtype))
+
+        def subtract() -> None:
+            with torch.no_grad():
+                target.logical(weight).sub_(spec.sample(weight.dtype))
+
+        return subtract
+
+    def _check_inplace(self) -> None:
+        for target in self._targets:
+            w = target.base.weight
+            why = None
+            if target.quantized:
+                why = f"is quantized ({type(w).__name__})"
+            elif w.dtype != torch.float32:
+                why = f"is {w.dtype}, where adding and subtracting the noise does not cancel"
+            elif _is_dtensor(w):
+                why = "is a sharded DTensor (FSDP), which is only whole inside forward"
+            elif target.dora_adapter() is not None:
+                why = "is a DoRA layer, whose weight normalisation would see the noise"
+            if why:
+                raise ValueError(f"mode='inplace' cannot perturb layer {target.name!r}: its base weight {why}; "
+                                 "use mode='exact' (or 'auto'), which never writes base weights")
+
+    def __repr__(self) -> str:
+        return (f"FlatLora(mode={self.mode!r}, rho={self.config.rho}, schedule={self.config.schedule!r}, "
+                f"total_steps={self.total_steps}, layers={len(self._targets)})")
+
+
+def _undo_all(undo: list[Callable[[], None]]) -> None:
+    """Run every undo step (newest first) even if one fails; re-raise the first failure."""
+    error: BaseException | None = None
+    for fn in reversed(undo):
+        try:
+            fn()
+        except BaseException as exc:  # keep restoring the rest
+            error = error or exc
+    undo.clear()
+    if error is not None:
+        raise error

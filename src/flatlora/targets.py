@@ -1,0 +1,190 @@
+"""Which layers Flat-LoRA perturbs, and their merged weights.
+
+A target is a PEFT LoRA layer (``peft.tuners.lora.LoraLayer``, which AdaLoRA's layers also are) or, when
+``target_modules`` asks for it, a plain ``nn.Linear``/``ConvNd``/``nn.Embedding``/GPT-2 ``Conv1D`` outside any
+LoRA layer. Every weight is handled in its *logical* layout ``(out, *fan_in)``: row ``i`` is output filter
+``i``. GPT-2's ``Conv1D`` (and ``fan_in_fan_out`` LoRA layers) store ``(in, out)``; their logical weight is the
+transposed view. An embedding's rows are its token vectors.
+
+The merged weight is what the layer actually computes with:
+
+    W = W_base + sum over active, unmerged adapters of get_delta_weight(adapter)     (LoRA, rsLoRA, AdaLoRA)
+    W = m / ||W_base + delta||_row * (W_base + delta)                                (DoRA)
+
+``W_base`` already contains merged adapters and the rewrites of PiSSA/OLoRA/LoRA-GA initialisations, and is
+dequantized for bitsandbytes layers.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .exact import Op
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _is_gpt2_conv1d(m: nn.Module) -> bool:
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and isinstance(getattr(m, "weight", None), torch.Tensor)
+
+
+def _lora_layer_types() -> tuple[type, ...]:
+    from peft.tuners.lora import LoraLayer
+
+    return (LoraLayer,)
+
+
+def _kind(base: nn.Module) -> str | None:
+    if isinstance(base, nn.Linear) or _is_gpt2_conv1d(base):
+        return "linear"
+    if isinstance(base, _CONV):
+        return "conv"
+    if isinstance(base, nn.Embedding):
+        return "embedding"
+    return None
+
+
+def is_quantized(base: nn.Module) -> bool:
+    """bitsandbytes (and other packed) weights: integer storage that cannot hold ``W + E``."""
+    w = base.weight
+    return type(w).__name__ in ("Params4bit", "Int8Params") or not w.dtype.is_floating_point
+
+
+def _is_dora(module: nn.Module, adapter: str) -> bool:
+    variant = getattr(module, "lora_variant", {}).get(adapter)
+    if variant is not None:
+        return type(variant).__name__.lstrip("_").startswith("Dora")
+    return bool(getattr(module, "use_dora", {}).get(adapter, False))
+
+
+@dataclass(frozen=True)
+class Target:
+    """One perturbed layer. ``module`` is the LoRA layer (or the plain layer); ``base`` holds ``W_base``."""
+
+    name: str
+    index: int
+    module: nn.Module
+    base: nn.Module
+    kind: str
+    transposed: bool
+
+    @property
+    def is_lora(self) -> bool:
+        return self.module is not self.base
+
+    @property
+    def op(self) -> Op:
+        return Op(self.kind, self.base)
+
+    @property
+    def quantized(self) -> bool:
+        return is_quantized(self.base)
+
+    def logical(self, w: torch.Tensor) -> torch.Tensor:
+        """Stored layout -> logical ``(out, *fan_in)`` layout (a view)."""
+        return w.t() if self.transposed else w
+
+    def base_weight(self) -> torch.Tensor:
+        """``W_base`` in logical layout: a view of the parameter, or a dequantized copy."""
+        if self.quantized:
+            from peft.utils.integrations import dequantize_module_weight
+
+            return self.logical(dequantize_module_weight(self.base)).detach()
+        return self.logical(self.base.weight)
+
+    def active_adapters(self) -> list[str]:
+        """Adapters of this layer that add to its output now: active, not merged, adapters enabled."""
+        m = self.module
+        if not self.is_lora or getattr(m, "disable_adapters", False):
+            return []
+        own = set(getattr(m, "lora_A", {})) | set(getattr(m, "lora_embedding_A", {}))
+        merged = set(getattr(m, "merged_adapters", []))
+        return [a for a in m.active_adapters if a in own and a not in merged]
+
+    def dora_adapter(self) -> str | None:
+        """The active DoRA adapter, if any (then the merged weight is DoRA's own)."""
+        adapters = self.active_adapters()
+        dora = [a for a in adapters if _is_dora(self.module, a)]
+        if dora and len(adapters) > 1:
+            raise ValueError(
+                f"layer {self.name!r} has the DoRA adapter {dora[0]!r} active together with {adapters}; "
+                "Flat-LoRA needs a single active adapter on a DoRA layer (set_adapter one of them)")
+        return dora[0] if dora else None
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """The weight the layer computes with, in logical layout, as a new fp32 tensor."""
+        w = self.base_weight().float().clone()
+        dora = self.dora_adapter()
+        for adapter in self.active_adapters():
+            w += self.logical(self.module.get_delta_weight(adapter)).float()
+        if dora is not None:
+            mag = self.module.lora_magnitude_vector[dora].weight.detach().float().reshape(-1)
+            norm = torch.linalg.vector_norm(w.reshape(w.shape[0], -1), dim=1)
+            w *= (mag / norm).view(-1, *([1] * (w.dim() - 1)))
+        return w
+
+
+def _check_supported(name: str, module: nn.Module, base: nn.Module) -> None:
+    if _kind(base) is None:
+        raise ValueError(
+            f"layer {name!r} wraps a {type(base).__name__}, which Flat-LoRA cannot perturb (supported: Linear, "
+            "GPT-2 Conv1D, Conv1d/2d/3d, Embedding); add a pattern for it to exclude_modules")
+    for adapter in getattr(module, "lora_variant", {}):
+        if _is_dora(module, adapter) and _kind(base) == "embedding":
+            raise ValueError(f"layer {name!r} is a DoRA embedding, whose magnitude runs over embedding dims, "
+                             "not token rows; Flat-LoRA does not support it: add it to exclude_modules")
+        if not _is_dora(module, adapter):
+            raise ValueError(
+                f"layer {name!r} uses the LoRA variant {type(module.lora_variant[adapter]).__name__} for adapter "
+                f"{adapter!r}, whose merged weight Flat-LoRA does not know; add {name!r} to exclude_modules")
+
+
+def find_targets(model: nn.Module, target_modules: Iterable[str] | None = None,
+                 exclude_modules: Iterable[str] = ()) -> list[Target]:
+    """List the layers to perturb, in ``named_modules`` order (which fixes each layer's noise index).
+
+    ``target_modules=None`` selects every LoRA layer. Otherwise a module is selected when a pattern matches
+    its name (``re.search``): LoRA layers, and plain layers that are not part of a LoRA layer.
+    ``exclude_modules`` removes matches. Raises ``ValueError`` when nothing is selected.
+    """
+    lora_types = _lora_layer_types()
+    include = [re.compile(p) for p in target_modules] if target_modules is not None else None
+    exclude = [re.compile(p) for p in exclude_modules]
+    found: list[Target] = []
+    inside: list[str] = []  # names of LoRA layers seen, to skip their children (base_layer, lora_A, ...)
+    n_lora = 0
+    for name, module in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside):
+            continue
+        is_lora = isinstance(module, lora_types)
+        if is_lora:
+            inside.append(name)
+            n_lora += 1
+        elif include is None or _kind(module) is None:
+            continue
+        if include is not None and not any(p.search(name) for p in include):
+            continue
+        if any(p.search(name) for p in exclude):
+            continue
+        base = module.get_base_layer() if is_lora else module
+        _check_supported(name, module, base)
+        transposed = bool(getattr(module, "fan_in_fan_out", False)) if is_lora else _is_gpt2_conv1d(module)
+        if _is_gpt2_conv1d(base) and not transposed:
+            raise ValueError(f"layer {name!r} wraps a GPT-2 Conv1D but fan_in_fan_out is False; "
+                             "set fan_in_fan_out=True in the LoraConfig")
+        found.append(Target(name, len(found), module, base, _kind(base), transposed))
+    if not found:
+        if n_lora == 0 and include is None:
+            raise ValueError(
+                f"the model ({type(model).__name__}) has no PEFT LoRA layers; wrap it with "
+                "peft.get_peft_model(model, LoraConfig(...)) first, or select layers with target_modules")
+        raise ValueError(
+            f"no layer matches target_modules={list(target_modules) if target_modules is not None else None} "
+            f"minus exclude_modules={list(exclude_modules)} ({n_lora} LoRA layers in the model)")
+    return found
