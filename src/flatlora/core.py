@@ -172,7 +172,7 @@ class FlatLora:
             return target.module.register_forward_hook(add_noise).remove
 
         def noisy_forward(x: torch.Tensor) -> torch.Tensor:
-            return PerturbedOp.apply(x, target.logical(base.weight), base.bias, spec, op)
+            return PerturbedOp.apply(x, target.logical(base.weight), getattr(base, "bias", None), spec, op)
 
         base.forward = noisy_forward  # an instance attribute: shadows the class's forward until deleted
         return lambda: base.__dict__.pop("forward", None)
