@@ -16,7 +16,9 @@ Two ways to run at ``W + E`` (both draw the same ``E`` for the same ``(seed, t, 
   only, where the restore error is fp32 rounding (~1e-7 relative).
 
 The noise scale is computed once per step from the merged weight (see `flatlora.targets`), before any
-noise is applied, and kept as an ``(m,)`` fp32 vector per layer.
+noise is applied, and kept as an ``(m,)`` fp32 vector per layer. The exact mode computes it at each layer's
+first forward of the step and reuses it for the later micro-batches: there the weights are whole also under
+FSDP2, which holds them as DTensor row shards outside forward (the in-place mode refuses FSDP2).
 """
 
 from __future__ import annotations
@@ -45,6 +47,68 @@ def _is_dtensor(w: torch.Tensor) -> bool:
     return type(w).__name__ == "DTensor"
 
 
+def _fsdp_module_type() -> type | None:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return None
+    return FSDPModule
+
+
+def _owns_shards(unit: nn.Module, fsdp: type) -> bool:
+    """Whether the FSDP2 unit's own parameters (not those of nested units) are sharded DTensors now."""
+    nested = {id(p) for m in unit.modules() if m is not unit and isinstance(m, fsdp) for p in m.parameters()}
+    return any(_is_dtensor(p) for p in unit.parameters() if id(p) not in nested)
+
+
+@contextlib.contextmanager
+def _whole_params(model: nn.Module, target: Target) -> Iterator[None]:
+    """Make the layer's parameters whole for the body when FSDP2 holds them as DTensor shards.
+
+    Inside a forward FSDP2 has already all-gathered them (nothing to do). Outside one (``noise_specs`` called
+    by the user) this unshards the FSDP2 units owning them (the nearest unit at or above the layer and any
+    unit inside it) and reshards them afterwards: a collective, so every rank must make the same call.
+    """
+    fsdp = _fsdp_module_type()
+    if fsdp is None or not any(_is_dtensor(p) for p in target.module.parameters()):
+        yield
+        return
+    modules = dict(model.named_modules())
+    parts = target.name.split(".") if target.name else []
+    owners = [m for m in target.module.modules() if isinstance(m, fsdp)]
+    for i in range(len(parts), -1, -1):
+        m = modules.get(".".join(parts[:i]))
+        if isinstance(m, fsdp):
+            owners.append(m)
+            break
+    sharded = [u for u in {id(u): u for u in owners}.values() if _owns_shards(u, fsdp)]
+    if not sharded:
+        raise ValueError(f"the parameters of layer {target.name!r} are FSDP2 shards, but no fully_shard unit inside "
+                         "the model given to FlatLora owns them; build FlatLora on the model you called fully_shard on")
+    for unit in sharded:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in sharded:
+            unit.reshard()
+
+
+def _no_autocast(w: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off (norms in fp32 even when the first forward of a step runs under autocast)."""
+    dev = w.device.type
+    return torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else contextlib.nullcontext()
+
+
+def _plain_forward(base: nn.Module) -> bool:
+    """Whether the layer's class computes exactly ``op(x, W, b)``: torch's own Linear/ConvNd/Embedding
+    forward, or GPT-2's Conv1D; a subclass overriding forward (e.g. an embedding that scales its output) is not."""
+    if type(base).__name__ == "Conv1D":
+        return True
+    return type(base).forward in (nn.Linear.forward, nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward,
+                                  nn.Embedding.forward)
+
+
 def _check_int(name: str, v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
         raise ValueError(f"{name}={v!r} must be an int")
@@ -56,8 +120,10 @@ class _Applied:
     """What one ``perturb(t)`` changed, so ``restore()`` can undo exactly that."""
 
     step: int
-    specs: list[tuple[Target, NoiseSpec]]
+    specs: list[tuple[Target, NoiseSpec]]  # inplace: all, at perturb(); exact: each layer at its first forward
     undo: list[Callable[[], None]] = field(default_factory=list)
+    sigma: float = 0.0
+    cache: dict[int, NoiseSpec] = field(default_factory=dict)
 
 
 class FlatLora:
@@ -109,15 +175,31 @@ class FlatLora:
         return sigma_at(_check_int("t", t), self.total_steps, self.config.rho, self.config.schedule)
 
     def noise_specs(self, t: int) -> list[tuple[Target, NoiseSpec]]:
-        """Seed and row std of every layer's noise at step ``t``, from the current merged weights."""
+        """Seed and row std of every layer's noise at step ``t``, from the current merged weights.
+
+        Layers holding only inactive adapters are left out (`Target.in_use`): they are not perturbed now.
+        Under FSDP2 this all-gathers each layer's shards in turn: call it on every rank together.
+        """
         sigma = self.sigma(t)
-        rank = self.rank
-        out = []
-        for target in self._targets:
+        return [(target, self._layer_spec(target, t, sigma)) for target in self._targets if target.in_use()]
+
+    def _layer_spec(self, target: Target, t: int, sigma: float) -> NoiseSpec:
+        """One layer's `NoiseSpec` at step ``t``: row norms of its whole merged weight in fp32."""
+        with _whole_params(self.model, target), _no_autocast(target.base.weight):
             w = target.merged_weight()
-            spec = NoiseSpec(layer_seed(self.config.seed, t, rank, target.index), row_scale(w, sigma), tuple(w.shape))
-            out.append((target, spec))
-        return out
+        return NoiseSpec(layer_seed(self.config.seed, t, self.rank, target.index), row_scale(w, sigma), tuple(w.shape))
+
+    def _step_spec(self, applied: _Applied, target: Target) -> NoiseSpec:
+        """The layer's spec for the applied step, computed at its first forward of the step and then reused.
+
+        Computing it there, not in ``perturb``, means the weights are whole under FSDP2 (all-gathered for the
+        forward); A and B do not change within a step, so every micro-batch (and backward) shares it.
+        """
+        spec = applied.cache.get(target.index)
+        if spec is None:
+            spec = applied.cache[target.index] = self._layer_spec(target, applied.step, applied.sigma)
+            applied.specs.append((target, spec))
+        return spec
 
     def noise(self, t: int) -> dict[str, torch.Tensor]:
         """Materialise ``E`` of every layer at step ``t`` (logical layout, fp32): for checks and analysis."""
@@ -142,12 +224,16 @@ class FlatLora:
         sigma = self.sigma(t)
         if self.mode == "inplace":
             self._check_inplace()
-        specs = self.noise_specs(t) if sigma > 0 else []
-        applied = _Applied(step=t, specs=specs)
+        applied = _Applied(step=t, specs=[], sigma=sigma)
         try:
-            for target, spec in specs:
-                applied.undo.append(self._apply_inplace(target, spec) if self.mode == "inplace"
-                                    else self._apply_exact(target, spec))
+            if sigma > 0 and self.mode == "inplace":
+                applied.specs = self.noise_specs(t)  # all norms before any noise is added
+                for target, spec in applied.specs:
+                    applied.undo.append(self._apply_inplace(target, spec))
+            elif sigma > 0:  # exact: each layer's spec at its first forward of the step (whole under FSDP2)
+                for target in (tg for tg in self._targets if tg.in_use()):
+                    spec = lambda target=target: self._step_spec(applied, target)  # noqa: E731
+                    applied.undo.append(self._apply_exact(target, spec))
         except BaseException:
             _undo_all(applied.undo)
             raise
@@ -160,31 +246,49 @@ class FlatLora:
             _undo_all(applied.undo)
 
     # --- the two modes ---------------------------------------------------------------------------------
-    def _apply_exact(self, target: Target, spec: NoiseSpec) -> Callable[[], None]:
+    def _apply_exact(self, target: Target, spec: Callable[[], NoiseSpec]) -> Callable[[], None]:
+        """Route the layer through `PerturbedOp`; ``spec()`` gives its `NoiseSpec`, read at forward time.
+
+        Weights are read at call time too, so under FSDP2 the op sees the whole (all-gathered) weight, and
+        backward (after FSDP2 has all-gathered again) regenerates the same ``E`` from the spec's seed.
+        """
         op = target.op
         base = target.base
-        if target.quantized or target.dora_adapter() is not None or "forward" in base.__dict__:
+        if (target.quantized or target.dora_adapter() is not None or "forward" in base.__dict__
+                or not _plain_forward(base)):
             # The output is not one base matmul (DoRA rescales it, bitsandbytes has its own kernel, another
-            # library replaced forward): add op(x, E) to the layer's output instead, exact on every path.
-            def add_noise(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-                return output + PerturbedOp.apply(args[0], None, None, spec, op).to(output.dtype)
+            # library replaced forward, a subclass such as a scaled embedding computes more than op(x, W, b)):
+            # add op(x, E) to the layer's output instead, exact on every path.
+            # The spec is taken in a pre-hook, while the layer's weights are whole.
+            def take_spec(module: nn.Module, args: tuple) -> None:
+                spec()
 
-            return target.module.register_forward_hook(add_noise).remove
+            def add_noise(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+                return output + PerturbedOp.apply(args[0], None, None, spec(), op).to(output.dtype)
+
+            handles = [target.module.register_forward_pre_hook(take_spec),
+                       target.module.register_forward_hook(add_noise)]
+
+            def remove() -> None:
+                for handle in handles:
+                    handle.remove()
+
+            return remove
 
         def noisy_forward(x: torch.Tensor) -> torch.Tensor:
-            return PerturbedOp.apply(x, target.logical(base.weight), getattr(base, "bias", None), spec, op)
+            return PerturbedOp.apply(x, target.logical(base.weight), getattr(base, "bias", None), spec(), op)
 
         base.forward = noisy_forward  # an instance attribute: shadows the class's forward until deleted
         return lambda: base.__dict__.pop("forward", None)
 
     def _apply_inplace(self, target: Target, spec: NoiseSpec) -> Callable[[], None]:
         weight = target.base.weight
-        with torch.no_grad():
-            target.logical(weight).add_(spec.sample(weight.dtype))
+        with torch.no_grad():  # W += E block by block, never a full E (flatlora.noise.add_filter_noise)
+            spec.add_to(target.logical(weight), inplace=True)
 
         def subtract() -> None:
             with torch.no_grad():
-                target.logical(weight).sub_(spec.sample(weight.dtype))
+                spec.add_to(target.logical(weight), subtract=True, inplace=True)
 
         return subtract
 

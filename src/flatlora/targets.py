@@ -55,6 +55,20 @@ def is_quantized(base: nn.Module) -> bool:
     return type(w).__name__ in ("Params4bit", "Int8Params") or not w.dtype.is_floating_point
 
 
+def _dequantize(base: nn.Module) -> torch.Tensor:
+    """The float weight of a quantized layer, in its stored layout, without touching the layer.
+
+    bitsandbytes weights go through PEFT's ``dequantize_bnb_weight`` with the layer's 8-bit ``state``: PEFT's
+    ``dequantize_module_weight`` would also re-assign ``module.weight`` on CPU, which drops an 8-bit weight's
+    scales (``SCB``) once the layer has run forward and breaks its next forward (bitsandbytes 0.50).
+    """
+    from peft.utils.integrations import dequantize_bnb_weight, dequantize_module_weight
+
+    if type(base.weight).__name__ in ("Params4bit", "Int8Params"):
+        return dequantize_bnb_weight(base.weight, state=getattr(base, "state", None))
+    return dequantize_module_weight(base)
+
+
 def _is_dora(module: nn.Module, adapter: str) -> bool:
     variant = getattr(module, "lora_variant", {}).get(adapter)
     if variant is not None:
@@ -92,9 +106,7 @@ class Target:
     def base_weight(self) -> torch.Tensor:
         """``W_base`` in logical layout: a view of the parameter, or a dequantized copy."""
         if self.quantized:
-            from peft.utils.integrations import dequantize_module_weight
-
-            return self.logical(dequantize_module_weight(self.base)).detach()
+            return self.logical(_dequantize(self.base)).detach()
         return self.logical(self.base.weight)
 
     def active_adapters(self) -> list[str]:
@@ -105,6 +117,17 @@ class Target:
         own = set(getattr(m, "lora_A", {})) | set(getattr(m, "lora_embedding_A", {}))
         merged = set(getattr(m, "merged_adapters", []))
         return [a for a in m.active_adapters if a in own and a not in merged]
+
+    def in_use(self) -> bool:
+        """Whether the layer is perturbed now: a plain (opted-in) layer always; a LoRA layer when one of the
+        model's active adapters lives on it (merged or not; with adapters disabled its base still is, as the
+        in-place mode's weights would be). A layer holding only inactive adapters computes like a layer LoRA
+        does not target, so it stays clean: training one adapter sees the same noise whatever others exist."""
+        m = self.module
+        if not self.is_lora:
+            return True
+        own = set(getattr(m, "lora_A", {})) | set(getattr(m, "lora_embedding_A", {}))
+        return any(a in own for a in m.active_adapters)
 
     def dora_adapter(self) -> str | None:
         """The active DoRA adapter, if any (then the merged weight is DoRA's own)."""
@@ -130,6 +153,11 @@ class Target:
         return w
 
 
+# PEFT LoRA variants whose forward is ``base(x) + B(A(dropout(x))) * scaling`` and whose merge adds
+# ``get_delta_weight``: the merged weight is plain LoRA's (MiCA only changes the init and freezes B).
+_ADDITIVE_VARIANTS = ("MiCALinearVariant", "MiCAEmbeddingVariant")
+
+
 def _check_supported(name: str, module: nn.Module, base: nn.Module) -> None:
     if _kind(base) is None:
         raise ValueError(
@@ -139,7 +167,7 @@ def _check_supported(name: str, module: nn.Module, base: nn.Module) -> None:
         if _is_dora(module, adapter) and _kind(base) == "embedding":
             raise ValueError(f"layer {name!r} is a DoRA embedding, whose magnitude runs over embedding dims, "
                              "not token rows; Flat-LoRA does not support it: add it to exclude_modules")
-        if not _is_dora(module, adapter):
+        if not _is_dora(module, adapter) and type(module.lora_variant[adapter]).__name__ not in _ADDITIVE_VARIANTS:
             raise ValueError(
                 f"layer {name!r} uses the LoRA variant {type(module.lora_variant[adapter]).__name__} for adapter "
                 f"{adapter!r}, whose merged weight Flat-LoRA does not know; add {name!r} to exclude_modules")
