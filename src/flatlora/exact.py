@@ -83,7 +83,10 @@ class PerturbedOp(torch.autograd.Function):
         ctx.fast = op.has_closed_form_input_grad() and not w_grad
         # the fast path needs no activation; the generic one recomputes op(x, ...) and needs x
         ctx.save_for_backward(weight, bias, None if ctx.fast else x)
-        return op(x, w, bias)
+        out = op(x, w, bias)
+        # F.linear with a bias returns a view for inputs of 3+ dims, and autograd forbids in-place updates of a
+        # custom Function's view outputs, which PEFT layers do (AdaLoRA: ``result += ...``): hand out a copy.
+        return out.clone() if out._base is not None else out
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor):
@@ -114,4 +117,4 @@ def _effective_weight(weight: torch.Tensor | None, spec: NoiseSpec, like: torch.
     if weight is None:
         dtype = like.dtype if like.dtype.is_floating_point else torch.float32
         return spec.sample(dtype)
-    return weight.detach() + spec.sample(weight.dtype)
+    return spec.add_to(weight.detach())  # blockwise: no full E beside W + E (flatlora.noise)

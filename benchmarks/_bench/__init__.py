@@ -1,0 +1,1 @@
+"""Parts of benchmarks/overhead.py: models, compared steps, timing, memory, breakdown, report."""

@@ -1,0 +1,206 @@
+"""What each speed lever of the noise path is worth: interleaved micro-benchmarks on real layer shapes.
+
+    .venv/bin/python benchmarks/levers.py --threads 1        # writes benchmarks/results/levers-cpu.{json,md}
+
+Candidates run interleaved (a seeded random order per repeat) in one process; medians of ``--repeats`` calls.
+Per-call time uses the process's CPU clock with one torch thread (robust on a shared machine; it counts the
+Python threads of the parallel draw too) and the wall clock otherwise. Levers:
+
+* ``blocked draw``: ``W + E`` as flatlora draws it now (`flatlora.noise.add_filter_noise`: row blocks
+  below torch's parallel grain, drawn, scaled and added in cache; one piece up to 2^18 elements with one
+  thread) and with blocks forced, against flatlora 0.1.0's one-piece ``randn -> mul_ -> W + E``. Adopted.
+* ``fused add``: ``torch.addcmul(W, z, s)`` (one pass, but FMA rounding: ``W + E`` no longer equals adding
+  the materialised ``E``, which the in-place mode subtracts). Measured only.
+* ``draw in the weight's dtype``: bf16 ``randn`` against fp32 ``randn`` + cast (the former changes the
+  stream per dtype, breaking "same E in every dtype"). Measured only.
+* ``row norms``: merged weight + norms (what each step pays once per layer) against norms of the base
+  weight alone (a lower bound for any cheaper formula). Measured only.
+* ``parallel draw``: two generator streams drawn by two Python threads (changes ``E``'s definition).
+  Measured only.
+* ``micro-batches``: a step of 4 micro-batches of 8 sequences: exact regenerates ``E`` per micro-batch
+  (2 draws each), in-place draws twice per step; plus Flat-LoRA at ``t = 0`` (``sigma = 0``: no work).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from flatlora import FlatLora, FlatLoraConfig  # noqa: E402
+import flatlora.noise as noise  # noqa: E402
+from flatlora.noise import add_filter_noise, row_scale  # noqa: E402
+
+from _bench import timing  # noqa: E402
+from _bench.models import PRESETS, build_model, make_batch  # noqa: E402
+
+
+def _interleaved(cands: dict, repeats: int, clock) -> dict[str, float]:
+    names = list(cands)
+    for fn in cands.values():
+        fn()
+    res = {n: [] for n in names}
+    for order in timing.round_orders(names, repeats):
+        for n in order:
+            t0 = clock()
+            cands[n]()
+            res[n].append(clock() - t0)
+    return {n: 1e3 * statistics.median(v) for n, v in res.items()}
+
+
+def _one_piece(w: torch.Tensor, scale: torch.Tensor, seed: int) -> torch.Tensor:
+    """flatlora 0.1.0: the whole E in one buffer, then a third pass for W + E."""
+    z = torch.randn(w.shape, generator=torch.Generator().manual_seed(seed))
+    z.mul_(scale.view(-1, 1))
+    return w + z
+
+
+def _forced_blocks(w: torch.Tensor, scale: torch.Tensor, seed: int) -> torch.Tensor:
+    limit, noise._ONE_PIECE = noise._ONE_PIECE, noise._BLOCK
+    try:
+        return add_filter_noise(w, scale, seed)
+    finally:
+        noise._ONE_PIECE = limit
+
+
+def _parallel_draw(shape: tuple[int, int], seed: int) -> torch.Tensor:
+    out = torch.empty(shape)
+    halves = out.chunk(2)
+    jobs = [threading.Thread(target=lambda h=h, k=k: h.normal_(generator=torch.Generator().manual_seed(seed + k)))
+            for k, h in enumerate(halves)]
+    for j in jobs:
+        j.start()
+    for j in jobs:
+        j.join()
+    return out
+
+
+def micro(shapes: list[int], repeats: int, clock) -> list[dict]:
+    rows = []
+    for n in shapes:
+        gen = torch.Generator().manual_seed(0)
+        w, a, b = torch.randn(n, n, generator=gen), torch.randn(8, n, generator=gen), torch.randn(n, 8, generator=gen)
+        scale = row_scale(w, 0.05)
+        merged = lambda: row_scale(w.float().clone().add_((b @ a) * 2.0), 0.05)  # noqa: E731
+        z = torch.randn(n, n, generator=gen)
+        wb = w.bfloat16()
+        cands = {
+            "one-piece W+E (0.1.0)": lambda: _one_piece(w, scale, 1),
+            "W+E now": lambda: add_filter_noise(w, scale, 1),
+            "W+E blocks forced": lambda: _forced_blocks(w, scale, 1),
+            "randn alone": lambda: torch.randn(n, n, generator=torch.Generator().manual_seed(1)),
+            "addcmul(W, z, s)": lambda: torch.addcmul(w, z, scale.view(-1, 1)),
+            "z * s + W": lambda: z * scale.view(-1, 1) + w,
+            "randn bf16": lambda: torch.randn(n, n, generator=torch.Generator().manual_seed(1), dtype=torch.bfloat16),
+            "randn fp32 -> bf16": lambda: torch.randn(n, n, generator=torch.Generator().manual_seed(1)).bfloat16(),
+            "W+E bf16 now": lambda: add_filter_noise(wb, scale, 1),
+            "merged weight + norms": merged,
+            "base norms only": lambda: row_scale(w, 0.05),
+            "parallel draw, 2 threads": lambda: _parallel_draw((n, n), 1),
+        }
+        rows.append({"shape": [n, n], "ms": _interleaved(cands, repeats, clock)})
+    return rows
+
+
+def micro_batches(model_name: str, rounds: int, micro: int, batch: int, seq: int) -> dict:
+    spec = PRESETS[model_name]
+    device = torch.device("cpu")
+    model = build_model(spec, rank=8, seed=0, device=device)
+    parts = [make_batch(spec, batch // micro, seq, 100 + k, device) for k in range(micro)]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    total = rounds + 2
+    flats = {m: FlatLora(model, FlatLoraConfig(rho=0.05, mode=m), total_steps=total) for m in ("exact", "inplace")}
+
+    def grads() -> None:
+        for p in parts:
+            (model(**p).loss / micro).backward()
+
+    def plain(t: int) -> None:
+        grads()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def flat(mode: str, at_zero: bool = False):
+        def step(t: int) -> None:
+            with flats[mode].perturbed(0 if at_zero else t):
+                grads()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    steps = {"lora": plain, "flat-exact": flat("exact"), "flat-inplace": flat("inplace"),
+             "flat-exact at t=0": flat("exact", at_zero=True)}
+    counter = timing.StepCounter(list(steps), total)
+    times = timing.run_rounds(steps, counter, rounds=rounds, warmup=1, device=device)
+    ref = times["lora"]
+    return {"model": model_name, "micro_batches": micro, "batch": batch, "seq": seq, "rounds": rounds,
+            "variants": {n: {"wall_ms": 1e3 * statistics.median(t["wall"]), "cpu_ms": 1e3 * statistics.median(t["cpu"]),
+                             "paired_ratio_wall": timing.paired_ratio(t["wall"], ref["wall"]),
+                             "paired_ratio_cpu": timing.paired_ratio(t["cpu"], ref["cpu"]),
+                             "paired_ci95_cpu": timing.paired_ratio_ci(t["cpu"], ref["cpu"])}
+                         for n, t in times.items()}}
+
+
+def render(result: dict) -> str:
+    meta = result["meta"]
+    out = [f"# Noise-path levers ({meta['threads']} threads, {meta['clock']})", "", f"`{meta['command']}`", "",
+           f"torch {meta['torch']}; load average {meta['loadavg_start']} at start, {meta['loadavg_end']} at end.",
+           "", "Milliseconds per call, median of interleaved repeats:", ""]
+    shapes = [r["shape"] for r in result["micro"]]
+    out += ["| candidate | " + " | ".join(f"{s[0]}x{s[1]}" for s in shapes) + " |",
+            "|---|" + "---|" * len(shapes)]
+    for name in result["micro"][0]["ms"]:
+        out.append(f"| {name} | " + " | ".join(f"{r['ms'][name]:.3f}" for r in result["micro"]) + " |")
+    mb = result.get("micro_batches")
+    if mb:
+        out += ["", f"{mb['model']}: one step = {mb['micro_batches']} micro-batches of {mb['batch'] // mb['micro_batches']}"
+                f" x {mb['seq']} tokens, {mb['rounds']} interleaved rounds:", "",
+                "| variant | step ms | x LoRA, paired | CPU ms | x LoRA (CPU), paired [95% CI] |", "|---|---|---|---|---|"]
+        for n, v in mb["variants"].items():
+            lo, hi = v["paired_ci95_cpu"]
+            out.append(f"| {n} | {v['wall_ms']:.0f} | {v['paired_ratio_wall']:.3f} | {v['cpu_ms']:.0f} | "
+                       f"{v['paired_ratio_cpu']:.3f} [{lo:.3f}-{hi:.3f}] |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--shapes", type=int, nargs="*", default=[384, 1024], help="square layer sizes")
+    p.add_argument("--repeats", type=int, default=40, help="interleaved repeats per candidate")
+    p.add_argument("--micro-batch-rounds", type=int, default=10, help="rounds of the micro-batch test (0: skip)")
+    p.add_argument("--model", default="minilm", choices=sorted(PRESETS), help="model of the micro-batch test")
+    p.add_argument("--out", default="benchmarks/results", help="output folder")
+    args = p.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    one = torch.get_num_threads() == 1
+    clock = time.process_time if one else time.perf_counter
+    result = {"meta": {"command": " ".join([".venv/bin/python benchmarks/levers.py",
+                                            *(sys.argv[1:] if argv is None else argv)]),
+                       "threads": torch.get_num_threads(), "torch": torch.__version__,
+                       "clock": "process CPU time" if one else "wall time",
+                       "loadavg_start": "/".join(f"{x:.1f}" for x in os.getloadavg())}}
+    result["micro"] = micro(args.shapes, args.repeats, clock)
+    if args.micro_batch_rounds:
+        result["micro_batches"] = micro_batches(args.model, args.micro_batch_rounds, 4, 32, 64)
+    result["meta"]["loadavg_end"] = "/".join(f"{x:.1f}" for x in os.getloadavg())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "levers-cpu.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "levers-cpu.md").write_text(render(result))
+    print(render(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""`ExperimentConfig`: one validated, serialisable description of a `flatlora compare` run, and its presets.
+
+A compare trains every ``method`` x ``rank`` x ``seed`` on one task with the same data order, initialisation
+and dropout masks per seed, so that method differences are paired. Presets are named starting points; every
+field can be overridden by a flag or a YAML/JSON file (``--config``), and the resolved config is written to
+the run folder as ``config.yaml``, which loads back to the same config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import _dataclass_io as dio
+
+CORE_METHODS = ["lora", "flat-lora", "lora-sam", "sam-w"]
+
+
+@dataclass
+class ExperimentConfig:
+    """What to train and how; see ``flatlora compare --help`` for every field."""
+
+    name: str = dio.help_field("default", "run-folder name under ./runs/ (when --out is not given)")
+    preset: str = dataclasses.field(default="default", metadata={
+        "help": "the preset these values started from (informational; choose one with --preset)", "cli": False})
+    task: str = dio.help_field("text", "task: text (Rotten Tomatoes, MiniLM) or vision (Fashion-MNIST, EffNet-Lite0)")
+    methods: list[str] = dio.help_field(list(CORE_METHODS), "methods to compare (see `flatlora compare --list`)")
+    seeds: list[int] = dio.help_field([0, 1, 2], "seeds: each fixes data order, LoRA init, dropout and noise")
+    ranks: list[int] = dio.help_field([8], "LoRA ranks (more than one = a rank sweep)")
+    alpha_over_rank: float = dio.help_field(2.0, "lora_alpha = alpha_over_rank * rank (paper: r 8, alpha 16)")
+    lora_dropout: float = dio.help_field(0.0, "dropout on the LoRA input")
+    model_dropout: float | None = dio.help_field(None, "dropout inside the backbone (None: the model's own)")
+    train_size: int | None = dio.help_field(None, "training examples (None: the whole training split)")
+    test_size: int | None = dio.help_field(None, "in-domain test examples (None: the whole test split)")
+    ood_size: int | None = dio.help_field(None, "out-of-domain examples per set (None: all)")
+    epochs: float = dio.help_field(1.0, "passes over the training set")
+    max_steps: int | None = dio.help_field(None, "stop after this many optimizer steps (overrides epochs)")
+    batch_size: int = dio.help_field(32, "examples per optimizer step")
+    lr: float = dio.help_field(
+        2e-3, "peak AdamW learning rate (paper: 5e-4 over 10 epochs; in our 60-step CPU budget 5e-4 left MiniLM "
+              "at chance, 2e-3 reached 72 percent)")
+    weight_decay: float = dio.help_field(0.0, "AdamW weight decay")
+    warmup_ratio: float = dio.help_field(0.06, "fraction of steps with linear warm-up; then linear decay to 0")
+    max_grad_norm: float = dio.help_field(1.0, "gradient clipping (0 = off)")
+    rho: float | None = dio.help_field(None, "Flat-LoRA rho (None: the task's default, 0.05 text / 0.15 vision)")
+    sam_rho: float = dio.help_field(0.003, "rho of lora-sam, SAM on A and B (paper's best: 0.003)")
+    sam_w_rho: float = dio.help_field(0.05, "rho of sam-w, SAM on the merged weight W (paper's best: 0.05)")
+    max_length: int = dio.help_field(64, "text: tokens per example (longer ones are cut)")
+    image_size: int = dio.help_field(64, "vision: input resolution in pixels")
+    severities: list[int] = dio.help_field([1, 2, 3, 4, 5], "vision: corruption severities evaluated (1..5)")
+    corruptions: list[str] = dio.help_field(["gaussian_noise", "contrast", "blur"],
+                                            "vision: corruption types of the out-of-domain sets")
+    eval_batch_size: int = dio.help_field(128, "batch size of evaluation")
+    train_loss_size: int = dio.help_field(1024, "training examples on which the final (clean) train loss is measured")
+    data_seed: int = dio.help_field(0, "seed of the data split and subsets (fixed across seeds and methods)")
+    device: str = dio.help_field("auto", "auto (cuda if available), cpu or cuda")
+    threads: int | None = dio.help_field(None, "torch CPU threads (None: torch's default)")
+
+    def __post_init__(self) -> None:
+        from .methods import METHODS
+        from .tasks import TASKS
+
+        for name in ("methods", "seeds", "ranks", "severities", "corruptions"):
+            v = getattr(self, name)
+            if isinstance(v, (str, int)):
+                v = [v]
+            setattr(self, name, list(v))
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ValueError(f"name={self.name!r} must be a plain folder name such as 'default'")
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; choose one of {', '.join(sorted(TASKS))}")
+        if not self.methods:
+            raise ValueError("methods is empty; give at least one, e.g. --methods lora flat-lora")
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods {self.methods} lists a method twice")
+        _ints("seeds", self.seeds, lo=0)
+        _ints("ranks", self.ranks, lo=1)
+        _ints("severities", self.severities, lo=1, hi=5)
+        if not self.seeds or not self.ranks:
+            raise ValueError("seeds and ranks need at least one value each")
+        if len(set(self.seeds)) != len(self.seeds) or len(set(self.ranks)) != len(self.ranks):
+            raise ValueError(f"seeds {self.seeds} / ranks {self.ranks} must not repeat values")
+        from .tasks.vision import CORRUPTIONS
+
+        bad = [c for c in self.corruptions if c not in CORRUPTIONS]
+        if bad:
+            raise ValueError(f"unknown corruption(s) {bad}; choose from {', '.join(CORRUPTIONS)}")
+        for name in ("train_size", "test_size", "ood_size", "max_steps", "threads"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+                raise ValueError(f"{name}={v!r} must be a positive integer or None")
+        for name in ("batch_size", "eval_batch_size", "max_length", "image_size", "train_loss_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name}={v!r} must be a positive integer")
+        for name in ("epochs", "lr"):
+            if not _num(getattr(self, name)) or getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a number > 0")
+        for name in ("weight_decay", "max_grad_norm", "sam_rho", "sam_w_rho", "alpha_over_rank", "lora_dropout"):
+            if not _num(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a number >= 0")
+        if self.rho is not None and (not _num(self.rho) or self.rho < 0):
+            raise ValueError(f"rho={self.rho!r} must be a number >= 0 or None for the task's default")
+        if self.model_dropout is not None and (not _num(self.model_dropout) or not 0 <= self.model_dropout < 1):
+            raise ValueError(f"model_dropout={self.model_dropout!r} must be in [0, 1) or None")
+        if not _num(self.warmup_ratio) or not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio={self.warmup_ratio!r} must be in [0, 1)")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1)")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device={self.device!r} must be auto, cpu or cuda")
+
+    # --- derived values ----------------------------------------------------------------------------------
+    def flat_rho(self) -> float:
+        from .tasks import get_task
+
+        return float(self.rho) if self.rho is not None else get_task(self.task).default_rho
+
+    def run_labels(self) -> list[tuple[str, int, int, str]]:
+        """``(method, rank, seed, relative run dir)`` of every run, in execution order (seed-major)."""
+        out = []
+        for seed in self.seeds:
+            for rank in self.ranks:
+                for method in self.methods:
+                    out.append((method, rank, seed, f"{self.method_label(method, rank)}/seed{seed}"))
+        return out
+
+    def method_label(self, method: str, rank: int) -> str:
+        return method if len(self.ranks) == 1 else f"{method}-r{rank}"
+
+    # --- serialisation -----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dio.to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ExperimentConfig":
+        return dio.from_dict(cls, data)
+
+    def save(self, path: str | Path) -> Path:
+        return dio.dump_file(self, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ExperimentConfig":
+        return dio.load_file(cls, path)
+
+    def replace(self, **changes: Any) -> "ExperimentConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+
+def _ints(name: str, values: list, lo: int, hi: int | None = None) -> None:
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+            rng = f">= {lo}" if hi is None else f"in {lo}..{hi}"
+            raise ValueError(f"{name} value {v!r} must be an integer {rng}")
+
+
+# Presets: named starting points. Sizes were chosen from step times measured on the 2-core machine
+# (docs/experiments.md); `flatlora compare --preset NAME --dry-run` prints the resolved config and run count.
+PRESETS: dict[str, dict[str, Any]] = {
+    # ~15 min on an idle 2-core CPU (0.63 s per LoRA step of 32 snippets of <= 32 tokens, SAM steps 2x):
+    # 4 methods x 3 seeds on 960 training snippets, 2 epochs = 60 steps per run.
+    "default": dict(name="default", train_size=960, epochs=2.0, test_size=500, ood_size=500, max_length=32,
+                    train_loss_size=256),
+    # few data, several epochs: where LoRA overfits and flatness should matter most (~9 min idle)
+    "small-data": dict(name="small-data", train_size=1000, epochs=3.0, test_size=500, ood_size=500,
+                       max_length=32, train_loss_size=256, methods=["lora", "flat-lora"], seeds=[0, 1, 2, 3]),
+    # more seeds and the full training split (hours on a CPU)
+    "full": dict(name="full", epochs=3.0, seeds=[0, 1, 2, 3, 4], max_length=64),
+    # gains are said to grow with rank
+    "rank-sweep": dict(name="rank-sweep", ranks=[4, 16, 64], methods=["lora", "flat-lora"], train_size=1600,
+                       epochs=3.0, test_size=1000, ood_size=1000, max_length=48),
+    # Flat-LoRA composed with other LoRA variants (issue 5)
+    "variants": dict(name="variants", methods=["lora", "flat-lora", "lora-ga", "lora-ga+flat", "adalora",
+                                               "adalora+flat"],
+                     train_size=1600, epochs=2.0, test_size=1000, ood_size=1000, max_length=48),
+    # vision default: Fashion-MNIST with corrupted test sets
+    "vision": dict(name="vision", task="vision", train_size=2000, epochs=2.0, test_size=1000, ood_size=500,
+                   image_size=48),
+    # CI: every method on a tiny subset, a few steps
+    "smoke": dict(name="smoke", methods=["lora", "flat-lora", "lora-sam", "sam-w"], seeds=[0, 1], train_size=48,
+                  max_steps=3, batch_size=16, test_size=32, ood_size=32, max_length=24, eval_batch_size=32,
+                  train_loss_size=32, image_size=32, severities=[1, 5], corruptions=["gaussian_noise", "contrast"]),
+}
+
+
+def preset(name: str, /, **overrides: Any) -> ExperimentConfig:
+    """The preset ``name`` with ``overrides`` applied (validated)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    values = dict(PRESETS[name])
+    values["preset"] = name
+    values.update(overrides)
+    return ExperimentConfig(**values)

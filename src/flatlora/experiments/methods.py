@@ -1,0 +1,272 @@
+"""The compared methods: how the adapter is initialised and how one optimizer step computes its gradients.
+
+A method is an initialisation (``lora``: PEFT's default, ``lora-ga``: PEFT's LoRA-GA from gradient SVD,
+``adalora``: PEFT's AdaLoRA) combined with a gradient rule:
+
+* ``plain``: ``g = grad L(W)``.
+* ``flat`` (Flat-LoRA, through the public `flatlora.FlatLora` API): ``g = grad L(W + E_t)`` with the
+  filter-wise random noise of step ``t``; the model is back at ``W`` before the optimizer step.
+* ``sam-ab`` (LoRA-SAM, the baseline of the paper): two passes. ``g1 = grad_{A,B} L``, then
+  ``g = grad L`` at ``(A, B) + rho g1 / ||g1||`` (the norm over all LoRA parameters), as in davda54/sam.
+* ``sam-w`` (SAM on the merged weight): ``G = dL/dW`` for every LoRA layer's merged weight ``W`` (equal to
+  the gradient of its base weight, since ``W = W_base + delta`` additively), then ``g = grad L`` at
+  ``W + rho G / ||G||``. Costs two passes and ``O(mn)`` memory per layer (``G`` and a copy of ``W_base``).
+
+The SAM rules are baselines implemented here as step wrappers; they are not part of the flatlora API.
+Every rule leaves ``.grad`` set and the weights exactly at ``W``; the training loop then clips, steps the
+optimizer and the schedule, calls `Method.after_step`, and zeroes the gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+LossFn = Callable[[nn.Module, dict], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    init: str  # lora | lora-ga | adalora
+    rule: str  # plain | flat | sam-ab | sam-w
+    description: str
+
+
+_SPECS = [
+    MethodSpec("lora", "lora", "plain", "LoRA (PEFT defaults: A Kaiming-uniform, B = 0)"),
+    MethodSpec("flat-lora", "lora", "flat", "Flat-LoRA: gradients at W + E_t (filter-wise noise, cosine rho)"),
+    MethodSpec("lora-sam", "lora", "sam-ab", "SAM on the LoRA factors A, B (two passes)"),
+    MethodSpec("sam-w", "lora", "sam-w", "SAM on the merged weight W of every LoRA layer (two passes, O(mn))"),
+    MethodSpec("lora-ga", "lora-ga", "plain", "LoRA-GA initialisation (PEFT), plain steps"),
+    MethodSpec("lora-ga+flat", "lora-ga", "flat", "LoRA-GA initialisation with Flat-LoRA steps"),
+    MethodSpec("adalora", "adalora", "plain", "AdaLoRA (PEFT), plain steps"),
+    MethodSpec("adalora+flat", "adalora", "flat", "AdaLoRA with Flat-LoRA steps"),
+]
+METHODS: dict[str, MethodSpec] = {s.name: s for s in _SPECS}
+LORA_GA_BATCHES = 8  # training batches whose accumulated gradient initialises LoRA-GA
+
+
+def get_method(name: str) -> MethodSpec:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def paired_baseline(name: str) -> str | None:
+    """The method a method is compared with in the paired-difference table (same data, seeds, init)."""
+    if name.endswith("+flat"):
+        return name[: -len("+flat")]
+    return None if name == "lora" else ("lora" if get_method(name).init == "lora" else None)
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run library code that draws from torch's global RNG (PEFT's init, dropout) from a fixed seed,
+    leaving the caller's global RNG state exactly as it was (``fork_rng`` saves and restores it)."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+# --- building the PEFT model ---------------------------------------------------------------------------
+def build_peft_model(task: Any, cfg: Any, method: str, rank: int, seed: int, total_steps: int,
+                     train_batches: Callable[[], list[dict]], device: torch.device | str = "cpu") -> nn.Module:
+    """Backbone + adapter for ``method``; identical initial adapter for every method with the same init."""
+    from peft import get_peft_model
+
+    spec = get_method(method)
+    base = task.build_model(cfg, seed).to(device)
+    kw = dict(task.lora_kwargs(cfg))
+    common = dict(lora_alpha=cfg.alpha_over_rank * rank, lora_dropout=cfg.lora_dropout, **kw)
+    with seeded(20_000 + seed):
+        if spec.init == "lora":
+            from peft import LoraConfig
+
+            model = get_peft_model(base, LoraConfig(r=rank, **common))
+        elif spec.init == "lora-ga":
+            from peft import LoraConfig, LoraGAConfig, preprocess_loraga
+
+            lcfg = LoraConfig(r=rank, init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig(), **common)
+            batches = train_batches()
+
+            def grad_step() -> None:
+                for batch in batches:
+                    with torch.enable_grad():
+                        task.loss(base, batch).backward()
+
+            preprocess_loraga(base, lcfg, grad_step)
+            model = get_peft_model(base, lcfg)
+            for p in base.parameters():  # drop gradients left on the frozen backbone by the estimate
+                p.grad = None
+        elif spec.init == "adalora":
+            from peft import AdaLoraConfig
+
+            t = max(total_steps, 3)
+            model = get_peft_model(base, AdaLoraConfig(
+                init_r=math.ceil(1.5 * rank), target_r=rank, total_step=t, tinit=t // 10, tfinal=t // 5,
+                deltaT=max(1, t // 20), **common))
+        else:  # pragma: no cover - the registry holds only the three
+            raise ValueError(f"unknown init {spec.init!r}")
+    return model
+
+
+def save_adapter(model: nn.Module, method: str, path: str, initial_dir: str | None) -> None:
+    """``save_pretrained`` (safetensors). LoRA-GA rewrote the base weights, so its adapter is converted to a
+    plain LoRA adapter of rank 2r that loads on the unmodified backbone (PEFT's weight conversion)."""
+    if get_method(method).init == "lora-ga":
+        model.save_pretrained(path, path_initial_model_for_weight_conversion=initial_dir)
+        _add_missing_modules_to_save(model, path)
+    else:
+        model.save_pretrained(path)
+
+
+def _add_missing_modules_to_save(model: nn.Module, path: str) -> None:
+    """PEFT 0.21's weight conversion keeps only lora_A/lora_B tensors and drops the trained head
+    (``modules_to_save``); write those tensors back into the converted adapter file."""
+    import os
+
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    file = os.path.join(path, "adapter_model.safetensors")
+    saved = load_file(file)
+    extra = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()
+             if "lora_" not in k and k not in saved}
+    if extra:
+        save_file({**saved, **extra}, file + ".tmp", metadata={"format": "pt"})
+        os.replace(file + ".tmp", file)
+
+
+def save_initial_adapter(model: nn.Module, method: str, path: str) -> str | None:
+    """LoRA-GA only: store the initial adapter, needed to convert the trained one (see `save_adapter`)."""
+    if get_method(method).init != "lora-ga":
+        return None
+    cfg = model.peft_config["default"]
+    init = cfg.init_lora_weights
+    cfg.init_lora_weights = True  # PEFT's recipe: the initial adapter is saved as a plain LoRA init
+    try:
+        model.save_pretrained(path)
+    finally:
+        cfg.init_lora_weights = init
+    return path
+
+
+# --- gradient rules ------------------------------------------------------------------------------------
+class Method:
+    """Computes the gradients of one optimizer step for ``spec.rule``; see the module docstring."""
+
+    def __init__(self, spec: MethodSpec, model: nn.Module, loss_fn: LossFn, *, total_steps: int, seed: int,
+                 rho: float, sam_rho: float, sam_w_rho: float) -> None:
+        self.spec = spec
+        self.model = model
+        self.loss_fn = loss_fn
+        self.total_steps = total_steps
+        self.flat = None
+        if spec.rule == "flat":
+            from flatlora import FlatLora, FlatLoraConfig
+
+            self.flat = FlatLora(model, FlatLoraConfig(rho=rho, seed=seed), total_steps=total_steps)
+        self.sam_rho = sam_rho
+        self.sam_w_rho = sam_w_rho
+        self.lora_params = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self._bases = _lora_base_layers(model) if spec.rule == "sam-w" else []
+
+    def sigma(self, t: int) -> float:
+        """Flat-LoRA's noise level at step t (0 for the other rules)."""
+        return self.flat.sigma(t) if self.flat is not None else 0.0
+
+    def grads(self, t: int, batch: dict) -> float:
+        """Set ``.grad`` of the trainable parameters for step ``t``; returns the loss of the first pass."""
+        rule = self.spec.rule
+        if rule == "plain":
+            return self._backward(batch)
+        if rule == "flat":
+            with self.flat.perturbed(t):
+                return self._backward(batch)
+        if rule == "sam-ab":
+            return self._sam_ab(batch)
+        return self._sam_w(batch)
+
+    def after_step(self, t: int) -> None:
+        """Called after ``optimizer.step()``, before ``zero_grad``: AdaLoRA's rank allocation."""
+        if self.spec.init == "adalora":
+            self.model.base_model.update_and_allocate(t)
+
+    def _backward(self, batch: dict) -> float:
+        loss = self.loss_fn(self.model, batch)
+        loss.backward()
+        return float(loss.detach())
+
+    def _zero(self) -> None:
+        for p in self.trainable:
+            p.grad = None
+
+    def _sam_ab(self, batch: dict) -> float:
+        loss = self._backward(batch)
+        grads = [p.grad for p in self.lora_params]
+        norm = _global_norm([g for g in grads if g is not None])
+        eps = [None if g is None else g * (self.sam_rho / (norm + 1e-12)) for g in grads]
+        self._zero()
+        saved = [p.detach().clone() for p in self.lora_params]  # exact restore (p + e - e is not p in floats)
+        try:
+            with torch.no_grad():
+                for p, e in zip(self.lora_params, eps):
+                    if e is not None:
+                        p.add_(e)
+            self._backward(batch)
+        finally:
+            with torch.no_grad():
+                for p, s in zip(self.lora_params, saved):
+                    p.copy_(s)
+        return loss
+
+    def _sam_w(self, batch: dict) -> float:
+        weights = [b.weight for b in self._bases]
+        for w in weights:
+            w.requires_grad_(True)
+        try:
+            loss = self._backward(batch)  # w.grad = dL/dW_base = dL/dW (W = W_base + delta)
+            g_w = [w.grad for w in weights]
+        finally:
+            for w in weights:
+                w.requires_grad_(False)
+                w.grad = None
+        norm = _global_norm([g for g in g_w if g is not None])
+        self._zero()
+        saved = [w.detach().clone() for w in weights]
+        try:
+            with torch.no_grad():
+                for w, g in zip(weights, g_w):
+                    if g is not None:
+                        w.add_(g, alpha=self.sam_w_rho / (norm + 1e-12))
+            del g_w
+            self._backward(batch)
+        finally:
+            with torch.no_grad():
+                for w, s in zip(weights, saved):
+                    w.copy_(s)
+        return loss
+
+
+def _global_norm(tensors: list[torch.Tensor]) -> float:
+    if not tensors:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in tensors])))
+
+
+def _lora_base_layers(model: nn.Module) -> list[nn.Module]:
+    from peft.tuners.lora import LoraLayer
+
+    return [m.get_base_layer() for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+__all__ = ["METHODS", "Method", "MethodSpec", "build_peft_model", "get_method", "paired_baseline",
+           "save_adapter", "save_initial_adapter", "seeded"]

@@ -1,0 +1,140 @@
+"""Pluggable tasks: a task is a model loader, data splits, a metric, LoRA targets and a default rho.
+
+Adding a task is one small module defining a `Task` subclass, registered in ``TASKS`` below. Everything
+the training loop needs goes through this interface, so `flatlora compare --task NAME` just works:
+
+* ``build_model(cfg, seed)``: the pretrained backbone with a freshly initialised head (fp32, CPU);
+  the head's initial values come from ``torch.Generator(seed)``.
+* ``lora_kwargs(cfg)``: ``target_modules``, ``modules_to_save``/``task_type`` for the PEFT config.
+* ``splits(cfg)``: `Splits` of `TensorData` (train, test, named out-of-domain sets), deterministic in
+  ``cfg.data_seed`` and the sizes, identical for every method and seed.
+* ``collate(data, cfg)``: a `TensorData` slice -> the model's keyword inputs plus ``labels``.
+* ``logits(model, batch)``: class scores; the loss is cross-entropy and the metric accuracy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class TensorData:
+    """Examples as a dict of tensors sharing their first dimension (``labels`` among them)."""
+
+    tensors: dict[str, torch.Tensor]
+
+    def __post_init__(self) -> None:
+        sizes = {k: len(v) for k, v in self.tensors.items()}
+        if "labels" not in self.tensors or len(set(sizes.values())) != 1:
+            raise ValueError(f"TensorData needs 'labels' and equal first dimensions, got sizes {sizes}")
+
+    def __len__(self) -> int:
+        return len(self.tensors["labels"])
+
+    def take(self, index: torch.Tensor | slice) -> "TensorData":
+        return TensorData({k: v[index] for k, v in self.tensors.items()})
+
+    def head(self, n: int | None) -> "TensorData":
+        return self if n is None or n >= len(self) else self.take(slice(0, n))
+
+    def chunks(self, size: int) -> Iterator["TensorData"]:
+        for i in range(0, len(self), size):
+            yield self.take(slice(i, i + size))
+
+
+@dataclass
+class Splits:
+    train: TensorData
+    test: TensorData
+    ood: dict[str, TensorData] = field(default_factory=dict)
+
+
+class Task:
+    """Base class of a task; subclasses fill in the class attributes and the four methods."""
+
+    name: str = ""
+    description: str = ""
+    default_rho: float = 0.05
+    num_labels: int = 2
+
+    def build_model(self, cfg: Any, seed: int) -> nn.Module:
+        raise NotImplementedError
+
+    def lora_kwargs(self, cfg: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def splits(self, cfg: Any) -> Splits:
+        raise NotImplementedError
+
+    def collate(self, data: TensorData, cfg: Any) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def ood_groups(self, cfg: Any) -> dict[str, list[str]]:
+        """Named groups of OOD sets averaged in the table (vision: one group per severity)."""
+        return {}
+
+    # --- shared --------------------------------------------------------------------------------------
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training loss of one batch (a scalar tensor); by default `ce_loss`."""
+        return self.ce_loss(model, batch)
+
+    def ce_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean cross-entropy of one batch from the logits alone (no method-specific regulariser)."""
+        return F.cross_entropy(self.logits(model, batch).float(), batch["labels"])
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, data: TensorData, cfg: Any,
+                 device: torch.device | str = "cpu") -> dict[str, float]:
+        """Accuracy and mean loss over ``data`` (model in whatever mode the caller set)."""
+        correct, loss_sum, n = 0, 0.0, 0
+        for chunk in data.chunks(cfg.eval_batch_size):
+            batch = to_device(self.collate(chunk, cfg), device)
+            logits = self.logits(model, batch).float()
+            loss_sum += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
+            correct += (logits.argmax(-1) == batch["labels"]).sum().item()
+            n += len(chunk)
+        return {"accuracy": correct / max(n, 1), "loss": loss_sum / max(n, 1), "n": n}
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def init_linear_(layer: nn.Linear, gen: torch.Generator, std: float = 0.02) -> None:
+    """Re-initialise a new classification head from a local generator (HF would use the global RNG)."""
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen) * std)
+        if layer.bias is not None:
+            layer.bias.zero_()
+
+
+def _registry() -> dict[str, type[Task]]:
+    from .text import TextTask
+    from .vision import VisionTask
+
+    return {"text": TextTask, "vision": VisionTask}
+
+
+TASKS: tuple[str, ...] = ("text", "vision")
+_INSTANCES: dict[str, Task] = {}
+
+
+def get_task(name: str) -> Task:
+    """The task registered as ``name`` (one shared instance, which caches its data)."""
+    reg = _registry()
+    if name not in reg:
+        raise ValueError(f"unknown task {name!r}; choose one of {', '.join(sorted(reg))}")
+    if name not in _INSTANCES:
+        _INSTANCES[name] = reg[name]()
+    return _INSTANCES[name]
+
+
+__all__ = ["Splits", "Task", "TensorData", "TASKS", "get_task", "init_linear_", "to_device"]

@@ -1,0 +1,97 @@
+"""Smoke test of benchmarks/overhead.py: the --quick run writes well-formed JSON and Markdown.
+
+Nothing here asserts a timing (speed is what the benchmark reports, not what tests check); the checks are
+on the structure and on relations that hold whatever the machine: quartiles around medians, LoRA's ratio to
+itself, peak memory at least what is held, one table row per measured variant.
+"""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "overhead.py"
+VARIANTS = {"lora", "flat-exact", "flat-inplace", "lora-sam"}
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("flatlora_bench_overhead", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    assert _load().main(["--quick", "--quiet", "--out", str(out)]) == 0
+    return out, json.loads((out / "overhead-cpu-quick.json").read_text()), (out / "overhead-cpu-quick.md").read_text()
+
+
+def test_quick_json_is_well_formed(quick_run):
+    _, result, _ = quick_run
+    assert {"meta", "config", "models", "sweep", "memory_method"} <= set(result)
+    assert result["config"]["quick"] is True
+    (model,) = result["models"]
+    assert model["name"] == "tiny" and model["targets"] == 4  # 2 layers x (query, value)
+    assert set(model["variants"]) == VARIANTS
+    for name, v in model["variants"].items():
+        for clock in ("wall", "cpu"):
+            s = v[clock]
+            assert s["n"] == model["rounds"] == result["config"]["rounds"]
+            assert 0 < s["min_ms"] <= s["q1_ms"] <= s["median_ms"] <= s["q3_ms"] <= s["max_ms"]
+        assert v["ratio_wall"] > 0 and v["paired_ratio_cpu"] > 0
+        lo, hi = v["paired_ci95_cpu"]
+        assert lo <= v["paired_ratio_cpu"] <= hi
+    assert model["variants"]["lora"]["ratio_wall"] == 1.0 and model["variants"]["lora"]["paired_ratio_cpu"] == 1.0
+    for name, mem in model["memory"].items():
+        assert mem["tensor_peak_bytes"] >= mem["held_bytes"] > 0
+        assert "rss_peak_bytes" not in mem  # --quick skips the fresh processes
+    assert model["memory"]["lora"]["tensor_ratio"] == 1.0
+    per_step = model["breakdown"]["per_step_ms"]
+    for mode in ("flat-exact", "flat-inplace"):
+        p = per_step[mode]
+        assert p["norms"] > 0 and p["draw"] > 0
+        assert p["total"] == pytest.approx(p["norms"] + p["draw"] + p["apply"])
+    layers = model["breakdown"]["layers"]
+    assert sum(layer["count"] for layer in layers) == model["targets"]
+    assert [row["hidden"] for row in result["sweep"]] == result["config"]["sweep_hidden"]
+    assert all(row["noise_ms"] > 0 and row["matmul_ms"] > 0 for row in result["sweep"])
+
+
+def test_quick_markdown_has_every_row(quick_run):
+    _, result, md = quick_run
+    assert result["meta"]["command"] in md
+    rows = [line for line in md.splitlines() if line.startswith("| tiny |")]
+    assert len(rows) == len(VARIANTS) + 2  # main table + breakdown (exact, inplace)
+    assert all(line.count("|") == 13 for line in rows[: len(VARIANTS)])
+    sweep_rows = [line for line in md.splitlines() if line.startswith("| 32 |") or line.startswith("| 64 |")]
+    assert len(sweep_rows) == len(result["sweep"]) == 2
+
+
+def test_bad_configuration_is_a_value_error():
+    bench = _load()
+    with pytest.raises(ValueError, match="unknown model"):
+        bench.parse_config(["--models", "gpt5"])
+    with pytest.raises(ValueError, match="rounds=0"):
+        bench.parse_config(["--rounds", "0"])
+    with pytest.raises(ValueError, match="unknown variant"):
+        bench.parse_config(["--variants", "lora", "sam-everything"])
+    cfg, _ = bench.parse_config(["--variants", "flat-exact", "--quick", "--rounds", "3"])
+    assert cfg.variants == ["lora", "flat-exact"] and cfg.rounds == 3 and cfg.models == ["tiny"]
+
+
+@pytest.mark.slow
+def test_rss_in_fresh_processes(tmp_path):
+    """The CPU RSS path: one fresh interpreter per variant (slow: each imports torch, transformers, PEFT)."""
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--quiet", "--rss", "--variants", "lora", "flat-exact",
+           "--sweep-hidden", "--no-breakdown", "--out", str(tmp_path)]
+    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=900)
+    mem = json.loads((tmp_path / "overhead-cpu-quick.json").read_text())["models"][0]["memory"]
+    assert set(mem) == {"lora", "flat-exact"}
+    assert all(m["rss_peak_bytes"] > 0 for m in mem.values())
+    assert mem["lora"]["rss_ratio"] == 1.0 and mem["flat-exact"]["rss_ratio"] > 0
