@@ -3,20 +3,22 @@
     .venv/bin/python benchmarks/levers.py --threads 1        # writes benchmarks/results/levers-cpu.{json,md}
 
 Candidates run interleaved (a seeded random order per repeat) in one process; medians of ``--repeats`` calls.
-Per-call time uses the process's CPU clock with one torch thread (robust on a shared machine; it counts the
-Python threads of the parallel draw too) and the wall clock otherwise. Levers:
+Per-call time uses the process's CPU clock with one torch thread (robust on a shared machine) and the wall
+clock otherwise (with several threads the CPU clock would count the parallel streams' work twice). Levers:
 
-* ``blocked draw``: ``W + E`` as flatlora draws it now (`flatlora.noise.add_filter_noise`: row blocks
-  below torch's parallel grain, drawn, scaled and added in cache; one piece up to 2^18 elements with one
-  thread) and with blocks forced, against flatlora 0.1.0's one-piece ``randn -> mul_ -> W + E``. Adopted.
+* ``blocked draw``: ``W + E`` drawn, scaled and added in cache-sized row blocks continuing one generator
+  (one stream), against flatlora's first one-piece ``randn -> mul_ -> W + E`` (three passes and a full
+  ``E`` buffer). Adopted.
+* ``parallel streams``: ``W + E`` as flatlora draws it now (`flatlora.noise.add_filter_noise`: up to 4
+  independent streams, drawn by ``torch.get_num_threads()`` threads; torch's CPU generator is sequential).
+  Adopted: it changed ``E``'s definition on CPU (streams), not its distribution.
 * ``fused add``: ``torch.addcmul(W, z, s)`` (one pass, but FMA rounding: ``W + E`` no longer equals adding
   the materialised ``E``, which the in-place mode subtracts). Measured only.
 * ``draw in the weight's dtype``: bf16 ``randn`` against fp32 ``randn`` + cast (the former changes the
   stream per dtype, breaking "same E in every dtype"). Measured only.
-* ``row norms``: merged weight + norms (what each step pays once per layer) against norms of the base
-  weight alone (a lower bound for any cheaper formula). Measured only.
-* ``parallel draw``: two generator streams drawn by two Python threads (changes ``E``'s definition).
-  Measured only.
+* ``row norms``: merged weight + norms (once per step per layer) through PEFT's delta (``(B @ A) * s``,
+  then added) against one ``addmm`` (now, `flatlora.targets.Target.merged_weight`), and norms of the base
+  weight alone (a lower bound for any cheaper formula).
 * ``micro-batches``: a step of 4 micro-batches of 8 sequences: exact regenerates ``E`` per micro-batch
   (2 draws each), in-place draws twice per step; plus Flat-LoRA at ``t = 0`` (``sigma = 0``: no work).
 """
@@ -28,7 +30,6 @@ import json
 import os
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -64,24 +65,13 @@ def _one_piece(w: torch.Tensor, scale: torch.Tensor, seed: int) -> torch.Tensor:
     return w + z
 
 
-def _forced_blocks(w: torch.Tensor, scale: torch.Tensor, seed: int) -> torch.Tensor:
-    limit, noise._ONE_PIECE = noise._ONE_PIECE, noise._BLOCK
+def _one_stream(w: torch.Tensor, scale: torch.Tensor, seed: int) -> torch.Tensor:
+    """Blocks continuing one generator: flatlora's draw before parallel streams."""
+    streams, noise._STREAMS = noise._STREAMS, 1
     try:
         return add_filter_noise(w, scale, seed)
     finally:
-        noise._ONE_PIECE = limit
-
-
-def _parallel_draw(shape: tuple[int, int], seed: int) -> torch.Tensor:
-    out = torch.empty(shape)
-    halves = out.chunk(2)
-    jobs = [threading.Thread(target=lambda h=h, k=k: h.normal_(generator=torch.Generator().manual_seed(seed + k)))
-            for k, h in enumerate(halves)]
-    for j in jobs:
-        j.start()
-    for j in jobs:
-        j.join()
-    return out
+        noise._STREAMS = streams
 
 
 def micro(shapes: list[int], repeats: int, clock) -> list[dict]:
@@ -90,22 +80,22 @@ def micro(shapes: list[int], repeats: int, clock) -> list[dict]:
         gen = torch.Generator().manual_seed(0)
         w, a, b = torch.randn(n, n, generator=gen), torch.randn(8, n, generator=gen), torch.randn(n, 8, generator=gen)
         scale = row_scale(w, 0.05)
-        merged = lambda: row_scale(w.float().clone().add_((b @ a) * 2.0), 0.05)  # noqa: E731
+        peft_merged = lambda: row_scale(w.float().clone().add_((b @ a) * 2.0), 0.05)  # noqa: E731
         z = torch.randn(n, n, generator=gen)
         wb = w.bfloat16()
         cands = {
             "one-piece W+E (0.1.0)": lambda: _one_piece(w, scale, 1),
-            "W+E now": lambda: add_filter_noise(w, scale, 1),
-            "W+E blocks forced": lambda: _forced_blocks(w, scale, 1),
+            "W+E blocks, one stream": lambda: _one_stream(w, scale, 1),
+            "W+E now (parallel streams)": lambda: add_filter_noise(w, scale, 1),
             "randn alone": lambda: torch.randn(n, n, generator=torch.Generator().manual_seed(1)),
             "addcmul(W, z, s)": lambda: torch.addcmul(w, z, scale.view(-1, 1)),
             "z * s + W": lambda: z * scale.view(-1, 1) + w,
             "randn bf16": lambda: torch.randn(n, n, generator=torch.Generator().manual_seed(1), dtype=torch.bfloat16),
             "randn fp32 -> bf16": lambda: torch.randn(n, n, generator=torch.Generator().manual_seed(1)).bfloat16(),
             "W+E bf16 now": lambda: add_filter_noise(wb, scale, 1),
-            "merged weight + norms": merged,
+            "merged weight + norms, PEFT delta": peft_merged,
+            "merged weight + norms, addmm (now)": lambda: row_scale(torch.addmm(w, b, a, alpha=2.0), 0.05),
             "base norms only": lambda: row_scale(w, 0.05),
-            "parallel draw, 2 threads": lambda: _parallel_draw((n, n), 1),
         }
         rows.append({"shape": [n, n], "ms": _interleaved(cands, repeats, clock)})
     return rows

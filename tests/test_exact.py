@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from flatlora.exact import Op, PerturbedOp
+from flatlora.exact import Op, PerturbedOp, perturbed_op
 from flatlora.noise import NoiseSpec, row_scale
 
 
@@ -79,3 +79,25 @@ def test_autocast_returns_input_gradients_in_the_input_dtype():
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
     assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("trainable_base", [False, True])
+def test_folded_linear_output_is_not_copied_and_takes_in_place_updates(trainable_base):
+    """perturbed_op folds (..., n) inputs to 2-D: the op's output is the matmul's own buffer (no copy), and
+    an in-place ``+=`` on the (..., m) result (what PEFT's AdaLoRA does) gives autograd's gradients."""
+    torch.manual_seed(1)
+    layer = nn.Linear(6, 5).double()
+    layer.weight.requires_grad_(trainable_base)
+    op, spec = Op("linear", layer), _spec(layer.weight)
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    extra = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    y = perturbed_op(x, layer.weight, layer.bias, spec, op)
+    assert y.shape == (2, 3, 5) and y._base is not None and y._base.grad_fn.name() == "PerturbedOpBackward"
+    y += extra * 2
+    w_ref = layer.weight + spec.sample(torch.float64)
+    y_ref = nn.functional.linear(x, w_ref, layer.bias) + extra * 2
+    torch.testing.assert_close(y, y_ref)
+    wrt = [x, extra, layer.bias] + ([layer.weight] if trainable_base else [])
+    g = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, wrt, g), torch.autograd.grad(y_ref, wrt, g)):
+        torch.testing.assert_close(a, b)

@@ -1,46 +1,69 @@
-"""The block-wise noise of flatlora.noise against one-piece references.
+"""The CPU noise of flatlora.noise (streams, blocks, threads) against one-piece references.
 
-``filter_noise`` and ``add_filter_noise`` draw ``E`` in cache-sized row blocks that continue one generator
-stream. The references here are the textbook one-piece draw ``torch.randn(shape, generator) * scale`` and the
-plain ``W + E`` / ``W += E`` on the materialised ``E``: bit-identical results are required, at shapes that
-cross block boundaries, leave a short tail, are not multiples of 16, or are conv-shaped.
+On CPU ``E`` is defined by row ranges ("streams"), stream ``k`` drawn from a generator seeded with
+``stream_seed(seed, k)``; inside a stream the rows are drawn in cache-sized blocks that continue the stream's
+generator, and streams are drawn by several threads. The reference here is the textbook draw per stream,
+``torch.randn(stream_shape, generator) * scale``, and the plain ``W + E`` / ``W += E`` on the materialised
+``E``: bit-identical results are required for every thread count and block policy, at shapes that cross
+block boundaries, leave a short tail, are not multiples of 16, or are conv-shaped.
 """
+
+import math
 
 import pytest
 import torch
 
 import flatlora.noise as noise
-from flatlora.noise import NoiseSpec, _block_rows, add_filter_noise, filter_noise
+from flatlora.noise import NoiseSpec, _block_rows, _stream_rows, add_filter_noise, filter_noise, stream_seed
 
-SHAPES = [(384, 384), (1000, 77), (4097, 17), (300, 3, 7, 7), (2 * 32752 + 5, 1), (17, 5), (0, 5), (600, 500)]
-
-
-@pytest.fixture(autouse=True, params=["as-configured", "blocks-always"])
-def block_policy(request, monkeypatch):
-    """With one thread, draws up to 2^18 elements run in one piece: also force blocks for every size."""
-    if request.param == "blocks-always":
-        monkeypatch.setattr(noise, "_ONE_PIECE", noise._BLOCK)
-    return request.param
+SHAPES = [(384, 384), (1000, 77), (4097, 17), (300, 3, 7, 7), (2 * 32752 + 5, 1), (17, 5), (0, 5), (600, 500),
+          (3, 40000)]
 
 
-def _one_piece(shape, scale, seed):
-    z = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-    return z * scale.view(-1, *([1] * (len(shape) - 1)))
+@pytest.fixture(autouse=True, params=[(1, "as-configured"), (2, "as-configured"), (3, "as-configured"),
+                                      (1, "blocks-always")], ids=lambda p: f"{p[0]}thr-{p[1]}")
+def threads_and_policy(request, monkeypatch):
+    """Every thread count gives the same E; with one thread streams up to 2^18 elements run in one piece,
+    so also force blocks for every size."""
+    threads, policy = request.param
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    if policy == "blocks-always":
+        monkeypatch.setattr(noise, "_ONE_PIECE", 0)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def _reference(shape, scale, seed):
+    """Stream by stream: one torch.randn each, from a generator seeded with the stream's seed."""
+    parts = []
+    for k, (rows, s) in enumerate(zip(_stream_rows(shape), scale.split(_stream_rows(shape)))):
+        z = torch.randn((rows, *shape[1:]), generator=torch.Generator().manual_seed(stream_seed(seed, k)))
+        parts.append(z * s.view(-1, *([1] * (len(shape) - 1))))
+    return torch.cat(parts)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_blocks_are_one_stream(shape):
-    blocks = _block_rows(shape, torch.device("cpu"))
-    assert sum(blocks) == shape[0]
+def test_streams_and_blocks_partition_the_rows(shape):
+    streams = _stream_rows(shape)
+    assert sum(streams) == shape[0] and 1 <= len(streams) <= noise._STREAMS
+    row = math.prod(shape[1:])
+    if len(streams) > 1:
+        assert min(streams) * row >= noise._STREAM_MIN - row  # long streams: reseeding is rare
     if shape == (600, 500):
-        assert len(blocks) > 1  # above the one-piece limit: blocks under any policy
-    row = 1
-    for d in shape[1:]:
-        row *= d
-    if len(blocks) > 1:
-        assert all(b * row % 16 == 0 for b in blocks[:-1]) and blocks[-1] * row >= 16
+        assert len(streams) > 1  # large: drawn in parallel
+    for rows in streams:
+        blocks = _block_rows((rows, *shape[1:]))
+        assert sum(blocks) == rows
+        if len(blocks) > 1:  # multiples of 16 elements: consecutive blocks are one stream
+            assert all(b * row % 16 == 0 for b in blocks[:-1]) and blocks[-1] * row >= 16
+            assert max(blocks) * row <= max(noise._BLOCK, row)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_noise_is_the_streams_reference(shape):
     scale = torch.rand(shape[0]) + 0.1
-    assert torch.equal(filter_noise(shape, scale, seed=77), _one_piece(shape, scale, 77))
+    assert torch.equal(filter_noise(shape, scale, seed=77), _reference(shape, scale, 77))
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -68,3 +91,16 @@ def test_transposed_layout_in_place_and_out_of_place():
     ref = stored.clone()
     add_filter_noise(stored.t(), scale, 3, inplace=True)
     assert torch.equal(stored.t(), ref.t() + e)
+
+
+def test_streams_are_independent():
+    """Different streams of one draw are different samples (not one generator state reused)."""
+    shape = (4 * noise._STREAM_MIN // 128, 128)
+    e = filter_noise(shape, torch.ones(shape[0]), seed=9)
+    parts = e.split(_stream_rows(shape))
+    assert len(parts) == 4
+    for a in range(4):
+        for b in range(a + 1, 4):
+            n = min(len(parts[a]), len(parts[b]))
+            corr = torch.corrcoef(torch.stack([parts[a][:n].flatten(), parts[b][:n].flatten()]))[0, 1]
+            assert abs(float(corr)) < 0.02

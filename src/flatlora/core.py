@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .config import FlatLoraConfig
-from .exact import PerturbedOp
+from .exact import perturbed_op
 from .noise import NoiseSpec, layer_seed, row_scale
 from .schedule import sigma_at
 from .targets import Target, find_targets
@@ -264,7 +264,7 @@ class FlatLora:
                 spec()
 
             def add_noise(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-                return output + PerturbedOp.apply(args[0], None, None, spec(), op).to(output.dtype)
+                return output + perturbed_op(args[0], None, None, spec(), op).to(output.dtype)
 
             handles = [target.module.register_forward_pre_hook(take_spec),
                        target.module.register_forward_hook(add_noise)]
@@ -276,7 +276,7 @@ class FlatLora:
             return remove
 
         def noisy_forward(x: torch.Tensor) -> torch.Tensor:
-            return PerturbedOp.apply(x, target.logical(base.weight), getattr(base, "bias", None), spec(), op)
+            return perturbed_op(x, target.logical(base.weight), getattr(base, "bias", None), spec(), op)
 
         base.forward = noisy_forward  # an instance attribute: shadows the class's forward until deleted
         return lambda: base.__dict__.pop("forward", None)

@@ -85,7 +85,8 @@ class PerturbedOp(torch.autograd.Function):
         ctx.save_for_backward(weight, bias, None if ctx.fast else x)
         out = op(x, w, bias)
         # F.linear with a bias returns a view for inputs of 3+ dims, and autograd forbids in-place updates of a
-        # custom Function's view outputs, which PEFT layers do (AdaLoRA: ``result += ...``): hand out a copy.
+        # custom Function's view outputs, which PEFT layers do (AdaLoRA: ``result += ...``): hand out a copy
+        # (`perturbed_op` folds linear inputs to 2-D first, so this copy is the exception).
         return out.clone() if out._base is not None else out
 
     @staticmethod
@@ -110,6 +111,21 @@ class PerturbedOp(torch.autograd.Function):
         gw = next(grads) if need_w else None
         gb = next(grads) if need_b else None
         return gx, gw, gb, None, None
+
+
+def perturbed_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, spec: NoiseSpec,
+                 op: Op) -> torch.Tensor:
+    """``PerturbedOp.apply(x, weight, bias, spec, op)``, with a linear layer's leading dims folded into one.
+
+    ``F.linear`` on a ``(..., n)`` input returns a view of a ``(tokens, m)`` matrix, which `PerturbedOp` would
+    have to copy (see its forward); folding first makes the op's output that matrix itself, and the view back
+    to ``(..., m)`` is ordinary autograd, which allows in-place updates. Saves one activation-sized copy per
+    layer and micro-batch.
+    """
+    if op.kind == "linear" and x.dim() > 2:
+        y = PerturbedOp.apply(x.reshape(-1, x.shape[-1]), weight, bias, spec, op)
+        return y.view(*x.shape[:-1], y.shape[-1])
+    return PerturbedOp.apply(x, weight, bias, spec, op)
 
 
 def _effective_weight(weight: torch.Tensor | None, spec: NoiseSpec, like: torch.Tensor) -> torch.Tensor:

@@ -140,12 +140,27 @@ class Target:
         return dora[0] if dora else None
 
     @torch.no_grad()
+    def _linear_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """``(B, A, scaling)`` when the adapter's delta is exactly ``scaling * B @ A`` in logical layout (PEFT's
+        Linear / Conv1D LoRA without a variant); ``None`` otherwise (conv, embedding, AdaLoRA, DoRA, ...)."""
+        m = self.module
+        lora_a, lora_b = getattr(m, "lora_A", None), getattr(m, "lora_B", None)
+        if (self.kind != "linear" or not isinstance(lora_a, nn.ModuleDict) or adapter not in lora_a
+                or not isinstance(lora_a[adapter], nn.Linear) or adapter in getattr(m, "lora_variant", {})):
+            return None
+        return lora_b[adapter].weight, lora_a[adapter].weight, float(m.scaling[adapter])
+
     def merged_weight(self) -> torch.Tensor:
         """The weight the layer computes with, in logical layout, as a new fp32 tensor."""
         w = self.base_weight().float().clone()
         dora = self.dora_adapter()
         for adapter in self.active_adapters():
-            w += self.logical(self.module.get_delta_weight(adapter)).float()
+            factors = self._linear_factors(adapter)
+            if factors is not None:  # plain linear LoRA: W + s * B @ A in one pass (PEFT's delta takes three)
+                b, a, scaling = factors
+                w.addmm_(b.detach().float(), a.detach().float(), alpha=scaling)
+            else:
+                w += self.logical(self.module.get_delta_weight(adapter)).float()
         if dora is not None:
             mag = self.module.lora_magnitude_vector[dora].weight.detach().float().reshape(-1)
             norm = torch.linalg.vector_norm(w.reshape(w.shape[0], -1), dim=1)
