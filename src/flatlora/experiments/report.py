@@ -192,8 +192,12 @@ def _plot_accuracy(plt, root: Path, results: dict) -> Path:
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"{results['task']}: accuracy, mean and 95% CI over seeds (dots: seeds)")
     ax.legend()
+    return _save(plt, fig, root / "accuracy.png")
+
+
+def _save(plt, fig, path: Path) -> Path:
+    """Lay out, write ``path`` at 110 dpi and close the figure (pyplot keeps open figures alive)."""
     fig.tight_layout()
-    path = root / "accuracy.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -213,11 +217,7 @@ def _plot_severity(plt, root: Path, results: dict) -> Path:
     ax.set_ylabel("accuracy (%)")
     ax.set_title("accuracy under corruption, mean and 95% CI")
     ax.legend()
-    fig.tight_layout()
-    path = root / "severity.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, root / "severity.png")
 
 
 def _smooth(xs: list[float], k: int) -> list[float]:
@@ -242,11 +242,7 @@ def _plot_curves(plt, root: Path, runs: dict[str, list[dict]]) -> Path:
     ax.set_ylabel("training loss (moving average, mean over seeds)")
     ax.set_title("training curves (flat-lora: loss at the perturbed weights)")
     ax.legend()
-    fig.tight_layout()
-    path = root / "curves.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, root / "curves.png")
 
 
 def _plot_paired(plt, root: Path, results: dict) -> Path:
@@ -263,11 +259,7 @@ def _plot_paired(plt, root: Path, results: dict) -> Path:
     ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("paired difference (percentage points), 95% CI")
-    fig.tight_layout()
-    path = root / "paired.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, root / "paired.png")
 
 
 __all__ = ["collect", "plot_all", "summarize", "table_md", "write_report"]
