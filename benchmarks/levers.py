@@ -7,11 +7,12 @@ Per-call time uses the process's CPU clock with one torch thread (robust on a sh
 clock otherwise (with several threads the CPU clock would count the parallel streams' work twice). Levers:
 
 * ``blocked draw``: ``W + E`` drawn, scaled and added in cache-sized row blocks continuing one generator
-  (one stream), against flatlora's first one-piece ``randn -> mul_ -> W + E`` (three passes and a full
-  ``E`` buffer). Adopted.
-* ``parallel streams``: ``W + E`` as flatlora draws it now (`flatlora.noise.add_filter_noise`: up to 4
-  independent streams, drawn by ``torch.get_num_threads()`` threads; torch's CPU generator is sequential).
-  Adopted: it changed ``E``'s definition on CPU (streams), not its distribution.
+  (`flatlora.noise.add_filter_noise`), against flatlora's first one-piece ``randn -> mul_ -> W + E`` (three
+  passes and a full ``E`` buffer). Adopted.
+* ``parallel streams``: the rows cut into independent ranges with their own seeds, drawn by
+  ``torch.get_num_threads()`` threads (torch's CPU generator is sequential), timed alone and, with
+  ``--in-step-rounds``, inside real Flat-LoRA steps (the noise time of a step with either draw, steps
+  alternating). Adopted for a day, then dropped: faster alone, not inside a step.
 * ``fused add``: ``torch.addcmul(W, z, s)`` (one pass, but FMA rounding: ``W + E`` no longer equals adding
   the materialised ``E``, which the in-place mode subtracts). Measured only.
 * ``draw in the weight's dtype``: bf16 ``randn`` against fp32 ``randn`` + cast (the former changes the
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from concurrent.futures import ThreadPoolExecutor
 import os
 import statistics
 import sys
@@ -65,13 +67,32 @@ def _one_piece(w: torch.Tensor, scale: torch.Tensor, seed: int) -> torch.Tensor:
     return w + z
 
 
-def _one_stream(w: torch.Tensor, scale: torch.Tensor, seed: int) -> torch.Tensor:
-    """Blocks continuing one generator: flatlora's draw before parallel streams."""
-    streams, noise._STREAMS = noise._STREAMS, 1
-    try:
-        return add_filter_noise(w, scale, seed)
-    finally:
-        noise._STREAMS = streams
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _parallel_streams(w: torch.Tensor, scale: torch.Tensor, seed: int, *, subtract: bool = False,
+                      inplace: bool = False) -> torch.Tensor:
+    """`flatlora.noise.add_filter_noise` with the rows cut into ``torch.get_num_threads()`` ranges, range
+    ``k`` drawn in blocks from its own generator (seed ``seed + k``); range 0 on this thread, the others on a
+    thread pool."""
+    global _POOL
+    threads = torch.get_num_threads()
+    if _POOL is None or _POOL._max_workers != threads - 1:
+        _POOL = ThreadPoolExecutor(max(1, threads - 1))
+    out = w if inplace else torch.empty_like(w)
+    m = w.shape[0]
+    cuts = [m * k // threads for k in range(threads + 1)]
+    ranges = [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+
+    def part(k: int) -> None:
+        a, b = ranges[k]
+        noise._cpu_draw(tuple(w[a:b].shape), scale[a:b], seed + k, w[a:b], out[a:b], subtract)
+
+    futures = [_POOL.submit(part, k) for k in range(1, len(ranges))]
+    part(0)
+    for f in futures:
+        f.result()
+    return out
 
 
 def micro(shapes: list[int], repeats: int, clock) -> list[dict]:
@@ -85,8 +106,8 @@ def micro(shapes: list[int], repeats: int, clock) -> list[dict]:
         wb = w.bfloat16()
         cands = {
             "one-piece W+E (0.1.0)": lambda: _one_piece(w, scale, 1),
-            "W+E blocks, one stream": lambda: _one_stream(w, scale, 1),
-            "W+E now (parallel streams)": lambda: add_filter_noise(w, scale, 1),
+            "W+E blocks (now)": lambda: add_filter_noise(w, scale, 1),
+            "W+E, parallel streams": lambda: _parallel_streams(w, scale, 1),
             "randn alone": lambda: torch.randn(n, n, generator=torch.Generator().manual_seed(1)),
             "addcmul(W, z, s)": lambda: torch.addcmul(w, z, scale.view(-1, 1)),
             "z * s + W": lambda: z * scale.view(-1, 1) + w,
@@ -140,6 +161,49 @@ def micro_batches(model_name: str, rounds: int, micro: int, batch: int, seq: int
                          for n, t in times.items()}}
 
 
+def in_step(model_name: str, rounds: int, batch: int, seq: int) -> dict:
+    """Milliseconds of noise (all ``W + E`` of one Flat-LoRA exact step) with flatlora's draw and with
+    `_parallel_streams`, the two alternating step by step on one model, plus the step times."""
+    spec = PRESETS[model_name]
+    device = torch.device("cpu")
+    model = build_model(spec, rank=8, seed=0, device=device)
+    data = make_batch(spec, batch, seq, 0, device)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    flat = FlatLora(model, FlatLoraConfig(rho=0.05), total_steps=2 * rounds + 2)
+    draws = {"blocks (now)": noise.add_filter_noise, "parallel streams": _parallel_streams}
+    spent = {"t": 0.0}
+
+    def timed(draw):
+        def add(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return draw(*args, **kwargs)
+            finally:
+                spent["t"] += time.perf_counter() - t0
+        return add
+
+    res = {n: {"noise": [], "step": []} for n in draws}
+    original = noise.add_filter_noise
+    try:
+        for t in range(1, 2 * rounds + 3):
+            name = list(draws)[t % 2]
+            noise.add_filter_noise = timed(draws[name])  # NoiseSpec.add_to looks the name up at call time
+            spent["t"] = 0.0
+            t0 = time.perf_counter()
+            with flat.perturbed(t):
+                model(**data).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if t > 2:  # one warm-up step each
+                res[name]["step"].append(time.perf_counter() - t0)
+                res[name]["noise"].append(spent["t"])
+    finally:
+        noise.add_filter_noise = original
+    return {"model": model_name, "rounds": rounds, "batch": batch, "seq": seq,
+            "draws": {n: {"noise_ms": 1e3 * statistics.median(v["noise"]), "step_ms": 1e3 * statistics.median(v["step"])}
+                      for n, v in res.items()}}
+
+
 def render(result: dict) -> str:
     meta = result["meta"]
     out = [f"# Noise-path levers ({meta['threads']} threads, {meta['clock']})", "", f"`{meta['command']}`", "",
@@ -159,6 +223,11 @@ def render(result: dict) -> str:
             lo, hi = v["paired_ci95_cpu"]
             out.append(f"| {n} | {v['wall_ms']:.0f} | {v['paired_ratio_wall']:.3f} | {v['cpu_ms']:.0f} | "
                        f"{v['paired_ratio_cpu']:.3f} [{lo:.3f}-{hi:.3f}] |")
+    st = result.get("in_step")
+    if st:
+        out += ["", f"{st['model']}: noise inside Flat-LoRA exact steps ({st['batch']} x {st['seq']} tokens), "
+                f"{st['rounds']} steps each, alternating:", "", "| draw | noise ms per step | step ms |", "|---|---|---|"]
+        out += [f"| {n} | {v['noise_ms']:.1f} | {v['step_ms']:.0f} |" for n, v in st["draws"].items()]
     return "\n".join(out) + "\n"
 
 
@@ -168,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", type=int, nargs="*", default=[384, 1024], help="square layer sizes")
     p.add_argument("--repeats", type=int, default=40, help="interleaved repeats per candidate")
     p.add_argument("--micro-batch-rounds", type=int, default=10, help="rounds of the micro-batch test (0: skip)")
-    p.add_argument("--model", default="minilm", choices=sorted(PRESETS), help="model of the micro-batch test")
+    p.add_argument("--in-step-rounds", type=int, default=10, help="steps per draw of the in-step test (0: skip)")
+    p.add_argument("--model", default="minilm", choices=sorted(PRESETS), help="model of the step tests")
     p.add_argument("--out", default="benchmarks/results", help="output folder")
     args = p.parse_args(argv)
     if args.threads is not None:
@@ -183,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     result["micro"] = micro(args.shapes, args.repeats, clock)
     if args.micro_batch_rounds:
         result["micro_batches"] = micro_batches(args.model, args.micro_batch_rounds, 4, 32, 64)
+    if args.in_step_rounds:
+        result["in_step"] = in_step(args.model, args.in_step_rounds, 32, 64)
     result["meta"]["loadavg_end"] = "/".join(f"{x:.1f}" for x in os.getloadavg())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,20 +1,20 @@
-"""The CPU noise of flatlora.noise (streams, blocks, threads) against one-piece references.
+"""The CPU noise of flatlora.noise (blocks continuing one generator) against one-piece references.
 
-On CPU ``E`` is defined by row ranges ("streams"), stream ``k`` drawn from a generator seeded with
-``stream_seed(seed, k)``; inside a stream the rows are drawn in cache-sized blocks that continue the stream's
-generator, and streams are drawn by several threads. The reference here is the textbook draw per stream,
-``torch.randn(stream_shape, generator) * scale``, and the plain ``W + E`` / ``W += E`` on the materialised
-``E``: bit-identical results are required for every thread count and block policy, at shapes that cross
-block boundaries, leave a short tail, are not multiples of 16, or are conv-shaped.
+On CPU the rows of ``E`` are drawn in cache-sized blocks that continue one generator seeded with ``seed``.
+The reference here is the textbook draw ``torch.randn(shape, generator) * scale`` and the plain ``W + E`` /
+``W += E`` on the materialised ``E``: bit-identical results are required for every thread count and block
+policy, at shapes that cross block boundaries, leave a short tail, are not multiples of 16, or are
+conv-shaped.
 """
 
 import math
+import threading
 
 import pytest
 import torch
 
 import flatlora.noise as noise
-from flatlora.noise import NoiseSpec, _block_rows, _stream_rows, add_filter_noise, filter_noise, stream_seed
+from flatlora.noise import NoiseSpec, _block_rows, add_filter_noise, filter_noise
 
 SHAPES = [(384, 384), (1000, 77), (4097, 17), (300, 3, 7, 7), (2 * 32752 + 5, 1), (17, 5), (0, 5), (600, 500),
           (3, 40000)]
@@ -23,7 +23,7 @@ SHAPES = [(384, 384), (1000, 77), (4097, 17), (300, 3, 7, 7), (2 * 32752 + 5, 1)
 @pytest.fixture(autouse=True, params=[(1, "as-configured"), (2, "as-configured"), (3, "as-configured"),
                                       (1, "blocks-always")], ids=lambda p: f"{p[0]}thr-{p[1]}")
 def threads_and_policy(request, monkeypatch):
-    """Every thread count gives the same E; with one thread streams up to 2^18 elements run in one piece,
+    """Every thread count gives the same E; with one thread draws up to 2^18 elements run in one piece,
     so also force blocks for every size."""
     threads, policy = request.param
     before = torch.get_num_threads()
@@ -35,33 +35,25 @@ def threads_and_policy(request, monkeypatch):
 
 
 def _reference(shape, scale, seed):
-    """Stream by stream: one torch.randn each, from a generator seeded with the stream's seed."""
-    parts = []
-    for k, (rows, s) in enumerate(zip(_stream_rows(shape), scale.split(_stream_rows(shape)))):
-        z = torch.randn((rows, *shape[1:]), generator=torch.Generator().manual_seed(stream_seed(seed, k)))
-        parts.append(z * s.view(-1, *([1] * (len(shape) - 1))))
-    return torch.cat(parts)
+    """One torch.randn of the whole shape from a fresh generator seeded with ``seed``, times the row std."""
+    z = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    return z * scale.view(-1, *([1] * (len(shape) - 1)))
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_streams_and_blocks_partition_the_rows(shape):
-    streams = _stream_rows(shape)
-    assert sum(streams) == shape[0] and 1 <= len(streams) <= noise._STREAMS
+def test_blocks_partition_the_rows(shape):
+    blocks = _block_rows(shape)
     row = math.prod(shape[1:])
-    if len(streams) > 1:
-        assert min(streams) * row >= noise._STREAM_MIN - row  # long streams: reseeding is rare
+    assert sum(blocks) == shape[0]
     if shape == (600, 500):
-        assert len(streams) > 1  # large: drawn in parallel
-    for rows in streams:
-        blocks = _block_rows((rows, *shape[1:]))
-        assert sum(blocks) == rows
-        if len(blocks) > 1:  # multiples of 16 elements: consecutive blocks are one stream
-            assert all(b * row % 16 == 0 for b in blocks[:-1]) and blocks[-1] * row >= 16
-            assert max(blocks) * row <= max(noise._BLOCK, row)
+        assert len(blocks) > 1  # large: drawn in blocks
+    if len(blocks) > 1:  # multiples of 16 elements: consecutive blocks continue one draw
+        assert all(b * row % 16 == 0 for b in blocks[:-1]) and blocks[-1] * row >= 16
+        assert max(blocks) * row <= max(noise._BLOCK, row)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_noise_is_the_streams_reference(shape):
+def test_noise_is_the_one_piece_reference(shape):
     scale = torch.rand(shape[0]) + 0.1
     assert torch.equal(filter_noise(shape, scale, seed=77), _reference(shape, scale, 77))
 
@@ -93,14 +85,19 @@ def test_transposed_layout_in_place_and_out_of_place():
     assert torch.equal(stored.t(), ref.t() + e)
 
 
-def test_streams_are_independent():
-    """Different streams of one draw are different samples (not one generator state reused)."""
-    shape = (4 * noise._STREAM_MIN // 128, 128)
-    e = filter_noise(shape, torch.ones(shape[0]), seed=9)
-    parts = e.split(_stream_rows(shape))
-    assert len(parts) == 4
-    for a in range(4):
-        for b in range(a + 1, 4):
-            n = min(len(parts[a]), len(parts[b]))
-            corr = torch.corrcoef(torch.stack([parts[a][:n].flatten(), parts[b][:n].flatten()]))[0, 1]
-            assert abs(float(corr)) < 0.02
+def test_draws_on_other_threads_do_not_interfere():
+    """Generators are per thread: draws running at the same time on several threads give each its own E."""
+    shape, scale = (600, 500), torch.ones(600)
+    want = {seed: _reference(shape, scale, seed) for seed in range(4)}
+    got, start = {}, threading.Barrier(4)
+
+    def draw(seed):
+        start.wait()
+        got[seed] = [filter_noise(shape, scale, seed) for _ in range(3)]
+
+    threads = [threading.Thread(target=draw, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(e, want[seed]) for seed, es in got.items() for e in es) and len(got) == 4

@@ -10,31 +10,25 @@ function of a 63-bit seed only: the same seed, shape and device always give the 
 fp32 and cast, so every weight dtype sees the same sample), which is what lets the exact mode keep nothing
 but the seed between forward and backward, and lets the in-place mode subtract what it added.
 
-On CPU, ``E`` is defined by row ranges ("streams"): a large draw is cut into up to `_STREAMS` of them
-(the cut depends on the shape only) and stream ``k`` is drawn from its own generator seeded with
-``stream_seed(seed, k)``. torch's CPU generator is sequential, so one stream runs on one core; independent
-streams are drawn in parallel by ``torch.get_num_threads()`` threads, with the same ``E`` for any number of
-threads (on this project's 2-core machine that made a 1024 x 1024 ``W + E`` 1.6x faster). Within a stream
-the rows are drawn, scaled and (in `add_filter_noise`) added to the weight in cache-sized blocks that
-continue the stream's generator, instead of three passes over a full ``m x n`` buffer, and no full ``E`` is
-allocated beside ``W + E``. Other devices draw the whole shape from one generator seeded with ``seed`` (their
-generators are parallel already). benchmarks/levers.py measures what each of these is worth.
+On CPU the rows are drawn, scaled and (in `add_filter_noise`) added to the weight in cache-sized blocks
+that continue one generator: the same numbers as one draw of the whole shape, without three passes over a
+full ``m x n`` buffer and without a full ``E`` beside ``W + E``. torch's CPU generator is sequential, so a draw
+runs on one core; drawing independent row ranges on a second thread was 1.5x faster alone but no faster
+inside a training step, where torch's OpenMP workers hold the other cores (docs/cost.md), and was dropped.
+benchmarks/levers.py measures what each of these is worth.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-import os
 import struct
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-_GENERATORS: dict[torch.device, torch.Generator] = {}
+_LOCAL = threading.local()  # this library's generators, per thread: concurrent draws never share one
 
 
 def _mix(*values: int) -> int:
@@ -50,21 +44,17 @@ def layer_seed(seed: int, step: int, rank: int, layer: int) -> int:
     return _mix(seed, step, rank, layer)
 
 
-def stream_seed(seed: int, stream: int) -> int:
-    """The seed of CPU stream ``stream`` of the noise drawn with ``seed`` (see the module docstring)."""
-    return _mix(seed, stream)
-
-
 def _generator(device: torch.device, seed: int) -> torch.Generator:
-    """A generator private to this library (one per device), reseeded for every draw; never the global RNG."""
+    """A generator private to this library (one per thread and device), reseeded for every draw; never the
+    global RNG."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    gen = _GENERATORS.get(device)
+    gens = _LOCAL.__dict__.setdefault("generators", {})
+    gen = gens.get(device)
     if gen is None:
-        gen = _GENERATORS[device] = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    return gen
+        gen = gens[device] = torch.Generator(device=device)
+    return gen.manual_seed(seed)
 
 
 def row_norms(weight: torch.Tensor) -> torch.Tensor:
@@ -81,33 +71,17 @@ def row_scale(weight: torch.Tensor, sigma: float) -> torch.Tensor:
 # Elements per CPU block: 128 KiB of fp32, drawn, scaled and added while in cache. Below torch's parallel
 # grain (32768 elements), so a block's ops run on the thread that calls them, without an OpenMP hand-off.
 _BLOCK = 32767
-# A large CPU draw is cut into up to `_STREAMS` row ranges ("streams") of at least `_STREAM_MIN` elements,
-# each from its own generator: work for up to that many threads. A stream is one job handed to a thread
-# (tens of microseconds), so streams are few and long.
-_STREAMS = 4
-_STREAM_MIN = 1 << 16
-# With one torch thread no op is handed to OpenMP, and a stream up to this size is fastest in one piece
+# With one torch thread no op is handed to OpenMP, and a draw up to this size is fastest in one piece
 # (the same numbers as its blocks, see `_block_rows`).
 _ONE_PIECE = 1 << 18
 
 
-def _split(m: int, parts: int) -> list[int]:
-    return [m * (i + 1) // parts - m * i // parts for i in range(parts)]
-
-
-def _stream_rows(shape: tuple[int, ...]) -> list[int]:
-    """Rows of each independent stream of a CPU draw of ``shape``: a function of the shape only."""
-    m = shape[0] if shape else 1
-    numel = m * math.prod(shape[1:])
-    return _split(m, max(1, min(_STREAMS, numel // _STREAM_MIN, m)))
-
-
 def _block_rows(shape: tuple[int, ...]) -> list[int]:
-    """Rows per cache-sized block of one stream of ``shape`` (rows first).
+    """Rows per cache-sized block of a CPU draw of ``shape`` (rows first).
 
     Every block but the last holds a multiple of 16 elements and the last one at least 16 (or the whole
-    stream): torch's CPU kernel draws normals 16 at a time and redraws a short tail, so consecutive draws of
-    such blocks from one generator give exactly the numbers of one draw of the whole stream.
+    draw): torch's CPU kernel draws normals 16 at a time and redraws a short tail, so consecutive draws of
+    such blocks from one generator give exactly the numbers of one draw of the whole shape.
     """
     m = shape[0] if shape else 1
     row = math.prod(shape[1:])
@@ -121,95 +95,37 @@ def _block_rows(shape: tuple[int, ...]) -> list[int]:
     return sizes
 
 
-# --- parallel CPU streams ----------------------------------------------------------------------------------
-_LOCAL = threading.local()  # one CPU generator per thread
-_POOL: ThreadPoolExecutor | None = None
-_POOL_SIZE = 0
-_POOL_LOCK = threading.Lock()
-
-
-def _cpu_generator(seed: int) -> torch.Generator:
-    gen = getattr(_LOCAL, "gen", None)
-    if gen is None:
-        gen = _LOCAL.gen = torch.Generator()
-    return gen.manual_seed(seed)
-
-
-def _pool(workers: int) -> ThreadPoolExecutor:
-    """A lazily made pool of ``workers`` threads (remade when the number changes)."""
-    global _POOL, _POOL_SIZE
-    with _POOL_LOCK:
-        if _POOL is None or _POOL_SIZE != workers:
-            if _POOL is not None:
-                _POOL.shutdown(wait=False)
-            _POOL, _POOL_SIZE = ThreadPoolExecutor(workers, thread_name_prefix="flatlora-noise"), workers
-        return _POOL
-
-
-def _forget_pool() -> None:  # a forked child has the pool object but not its threads
-    global _POOL, _POOL_SIZE
-    _POOL, _POOL_SIZE = None, 0
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool)
-
-
-def _run(jobs: list, fn: Callable) -> None:
-    """``fn(job)`` for every job: on this thread, or in contiguous groups over ``torch.get_num_threads()``
-    threads (this one included). Each job writes only its own rows: the result does not depend on the split."""
-    workers = min(torch.get_num_threads(), len(jobs))
-    cuts = [len(jobs) * i // workers for i in range(workers + 1)] if workers > 1 else [0, len(jobs)]
-    groups = [jobs[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
-    run_group = lambda group: [fn(job) for job in group]  # noqa: E731
-    futures = [_pool(workers - 1).submit(run_group, g) for g in groups[1:]]
-    try:
-        run_group(groups[0])
-    finally:
-        for f in futures:  # every group writes into the caller's tensors: wait for all before leaving
-            f.exception()
-    for f in futures:
-        f.result()
-
-
 def _rows_view(scale: torch.Tensor, ndim: int) -> torch.Tensor:
     return scale.view(-1, *([1] * (ndim - 1)))
 
 
 def _cpu_draw(shape: tuple[int, ...], scale: torch.Tensor, seed: int, weight: torch.Tensor | None,
               out: torch.Tensor, subtract: bool) -> None:
-    """``out = E`` (``weight is None``, ``out`` fp32) or ``out = weight +/- E`` (in ``weight``'s dtype), by
-    streams and cache-sized blocks; ``out`` may be ``weight`` (in place)."""
-    sizes = _stream_rows(shape)
-    tensors = [_rows_view(scale, len(shape)), out] + ([weight] if weight is not None else [])
-    jobs = [(stream_seed(seed, k), *parts) for k, parts in enumerate(zip(*(t.split(sizes) for t in tensors)))]
-    op = torch.sub if subtract else torch.add
-    one_thread = torch.get_num_threads() == 1
-
-    def stream(job: tuple) -> None:
-        s_k, s, o, *w = job
-        gen = _cpu_generator(s_k)
-        one_piece = one_thread and o.numel() <= _ONE_PIECE
-        blocks = [o.shape[0]] if one_piece else _block_rows(tuple(o.shape))
-        if not w:  # materialise E: draw straight into the output
-            for z, sb in zip(o.split(blocks), s.split(blocks)):
-                z.normal_(generator=gen).mul_(sb)
-            return
-        buf = torch.empty((max(blocks), *o.shape[1:]), dtype=torch.float32)
-        for ob, wb, sb in zip(o.split(blocks), w[0].split(blocks), s.split(blocks)):
-            z = buf if ob.shape[0] == buf.shape[0] else buf[: ob.shape[0]]
+    """``out = E`` (``weight is None``, ``out`` fp32) or ``out = weight +/- E`` (in ``weight``'s dtype), block
+    by block from one generator; ``out`` may be ``weight`` (in place)."""
+    gen = _generator(out.device, seed)
+    m = shape[0] if shape else 1
+    one_piece = torch.get_num_threads() == 1 and out.numel() <= _ONE_PIECE
+    blocks = [m] if one_piece else _block_rows(shape)
+    s = _rows_view(scale, len(shape))
+    if weight is None:  # materialise E: draw straight into the output
+        for z, sb in zip(out.split(blocks), s.split(blocks)):
             z.normal_(generator=gen).mul_(sb)
-            op(wb, z if wb.dtype == torch.float32 else z.to(wb.dtype), out=ob)
-
-    _run(jobs, stream)
+        return
+    op = torch.sub if subtract else torch.add
+    buf = torch.empty((max(blocks), *shape[1:]), dtype=torch.float32)
+    for ob, wb, sb in zip(out.split(blocks), weight.split(blocks), s.split(blocks)):
+        z = buf if ob.shape[0] == buf.shape[0] else buf[: ob.shape[0]]
+        z.normal_(generator=gen).mul_(sb)
+        op(wb, z if wb.dtype == torch.float32 else z.to(wb.dtype), out=ob)
 
 
 def filter_noise(shape: torch.Size | tuple[int, ...], scale: torch.Tensor, seed: int,
                  dtype: torch.dtype | None = None) -> torch.Tensor:
     """Draw ``E`` of ``shape`` (logical layout, rows first) with row std ``scale`` (fp32, ``(m,)``).
 
-    Drawn in fp32 on ``scale.device`` (CPU: one generator per stream, see the module docstring; elsewhere one
-    generator seeded with ``seed``), then cast to ``dtype``.
+    Drawn in fp32 on ``scale.device`` from a generator seeded with ``seed`` (on CPU in blocks, see the module
+    docstring), then cast to ``dtype``.
     """
     shape = tuple(shape)
     z = torch.empty(shape, device=scale.device, dtype=torch.float32)
