@@ -12,7 +12,7 @@ clock otherwise (with several threads the CPU clock would count the parallel str
 * ``parallel streams``: the rows cut into independent ranges with their own seeds, drawn by
   ``torch.get_num_threads()`` threads (torch's CPU generator is sequential), timed alone and, with
   ``--in-step-rounds``, inside real Flat-LoRA steps (the noise time of a step with either draw, steps
-  alternating). Adopted for a day, then dropped: faster alone, not inside a step.
+  alternating). Adopted for one commit, then dropped: faster alone, not inside a step.
 * ``fused add``: ``torch.addcmul(W, z, s)`` (one pass, but FMA rounding: ``W + E`` no longer equals adding
   the materialised ``E``, which the in-place mode subtracts). Measured only.
 * ``draw in the weight's dtype``: bf16 ``randn`` against fp32 ``randn`` + cast (the former changes the
@@ -27,12 +27,13 @@ clock otherwise (with several threads the CPU clock would count the parallel str
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-from concurrent.futures import ThreadPoolExecutor
 import os
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -67,7 +68,9 @@ def _one_piece(w: torch.Tensor, scale: torch.Tensor, seed: int) -> torch.Tensor:
     return w + z
 
 
-_POOL: ThreadPoolExecutor | None = None
+@functools.lru_cache(maxsize=None)
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(workers)
 
 
 def _parallel_streams(w: torch.Tensor, scale: torch.Tensor, seed: int, *, subtract: bool = False,
@@ -75,10 +78,7 @@ def _parallel_streams(w: torch.Tensor, scale: torch.Tensor, seed: int, *, subtra
     """`flatlora.noise.add_filter_noise` with the rows cut into ``torch.get_num_threads()`` ranges, range
     ``k`` drawn in blocks from its own generator (seed ``seed + k``); range 0 on this thread, the others on a
     thread pool."""
-    global _POOL
     threads = torch.get_num_threads()
-    if _POOL is None or _POOL._max_workers != threads - 1:
-        _POOL = ThreadPoolExecutor(max(1, threads - 1))
     out = w if inplace else torch.empty_like(w)
     m = w.shape[0]
     cuts = [m * k // threads for k in range(threads + 1)]
@@ -88,7 +88,7 @@ def _parallel_streams(w: torch.Tensor, scale: torch.Tensor, seed: int, *, subtra
         a, b = ranges[k]
         noise._cpu_draw(tuple(w[a:b].shape), scale[a:b], seed + k, w[a:b], out[a:b], subtract)
 
-    futures = [_POOL.submit(part, k) for k in range(1, len(ranges))]
+    futures = [_pool(threads - 1).submit(part, k) for k in range(1, len(ranges))]
     part(0)
     for f in futures:
         f.result()

@@ -1,4 +1,5 @@
-"""Smoke test of benchmarks/overhead.py: the --quick run writes well-formed JSON and Markdown.
+"""Smoke tests of benchmarks/overhead.py (the --quick run writes well-formed JSON and Markdown) and
+benchmarks/levers.py (its measured-only parallel draw and its in-step timing).
 
 Nothing here asserts a timing (speed is what the benchmark reports, not what tests check); the checks are
 on the structure and on relations that hold whatever the machine: quartiles around medians, LoRA's ratio to
@@ -18,8 +19,8 @@ SCRIPT = ROOT / "benchmarks" / "overhead.py"
 VARIANTS = {"lora", "flat-exact", "flat-inplace", "lora-sam"}
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("flatlora_bench_overhead", SCRIPT)
+def _load(script=SCRIPT):
+    spec = importlib.util.spec_from_file_location(f"flatlora_bench_{script.stem}", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -95,3 +96,39 @@ def test_rss_in_fresh_processes(tmp_path):
     assert set(mem) == {"lora", "flat-exact"}
     assert all(m["rss_peak_bytes"] > 0 for m in mem.values())
     assert mem["lora"]["rss_ratio"] == 1.0 and mem["flat-exact"]["rss_ratio"] > 0
+
+
+def test_levers_parallel_streams_is_the_library_draw_per_row_range():
+    """The measured-only parallel draw: range ``k`` of the rows is `add_filter_noise` of that range with seed
+    ``seed + k``, whichever thread drew it, out of place and in place."""
+    import torch
+
+    from flatlora.noise import add_filter_noise
+
+    levers = _load(ROOT / "benchmarks" / "levers.py")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        w, scale = torch.randn(301, 200), torch.rand(301) + 0.1
+        want = torch.cat([add_filter_noise(w[:150], scale[:150], 7), add_filter_noise(w[150:], scale[150:], 8)])
+        assert torch.equal(levers._parallel_streams(w, scale, 7), want)
+        w2 = w.clone()
+        assert levers._parallel_streams(w2, scale, 7, inplace=True) is w2 and torch.equal(w2, want)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_levers_quick_run_restores_the_library_draw(tmp_path):
+    import flatlora.noise as noise
+
+    original = noise.add_filter_noise
+    levers = _load(ROOT / "benchmarks" / "levers.py")
+    assert levers.main(["--shapes", "32", "--repeats", "2", "--micro-batch-rounds", "0", "--in-step-rounds", "2",
+                        "--model", "tiny", "--out", str(tmp_path)]) == 0
+    assert noise.add_filter_noise is original
+    result = json.loads((tmp_path / "levers-cpu.json").read_text())
+    draws = result["in_step"]["draws"]
+    assert set(draws) == {"blocks (now)", "parallel streams"}
+    assert all(d["noise_ms"] > 0 and d["step_ms"] > d["noise_ms"] for d in draws.values())
+    md = (tmp_path / "levers-cpu.md").read_text()
+    assert "| parallel streams |" in md and "| W+E, parallel streams |" in md

@@ -59,3 +59,16 @@ def test_argparse_flags_from_the_dataclass():
     assert cfg.rho == 0.2 and cfg.target_modules == ["q", "v"] and cfg.same_noise_across_ranks is True
     assert cfg.schedule == "cosine"  # unset flags keep the defaults
     assert "relative noise strength" in parser.format_help()
+
+
+def test_help_text_with_a_percent_sign_prints():
+    """argparse %-formats help strings: a literal '%' in a field's help must not break ``--help``."""
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Knob:
+        spread: float = dio.help_field(0.04, "moves step times by +-4% (or 100%)")
+
+    parser = argparse.ArgumentParser()
+    dio.add_arguments(parser, Knob)
+    assert "+-4% (or 100%)" in parser.format_help()

@@ -100,6 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "") 
         helptext = f.metadata.get("help", "")
         if f.default is not dataclasses.MISSING:
             helptext += f" (default: {f.default!r})"
+        helptext = helptext.replace("%", "%%")  # argparse %-formats help strings
         if tp is bool:
             parser.add_argument(flag, dest=prefix + f.name, action=argparse.BooleanOptionalAction, default=None,
                                 help=helptext)
