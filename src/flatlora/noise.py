@@ -13,8 +13,8 @@ but the seed between forward and backward, and lets the in-place mode subtract w
 On CPU the rows are drawn, scaled and (in `add_filter_noise`) added to the weight in cache-sized blocks
 that continue one generator: the same numbers as one draw of the whole shape, without three passes over a
 full ``m x n`` buffer and without a full ``E`` beside ``W + E``. torch's CPU generator is sequential, so a draw
-runs on one core; drawing independent row ranges on a second thread was 1.5x faster alone but no faster
-inside a training step, where torch's OpenMP workers hold the other cores (docs/cost.md), and was dropped.
+runs on one core; drawing independent row ranges on other threads was sometimes faster alone but never
+inside a training step, where torch's OpenMP workers use the other cores (docs/cost.md), and was dropped.
 benchmarks/levers.py measures what each of these is worth.
 """
 
@@ -31,17 +31,13 @@ import torch
 _LOCAL = threading.local()  # this library's generators, per thread: concurrent draws never share one
 
 
-def _mix(*values: int) -> int:
-    digest = hashlib.blake2b(struct.pack(f"<{len(values)}q", *values), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
-
-
 def layer_seed(seed: int, step: int, rank: int, layer: int) -> int:
     """Mix (seed, step, rank, layer) into one 63-bit seed (blake2b: no correlation between neighbours)."""
     for name, v in (("seed", seed), ("step", step), ("rank", rank), ("layer", layer)):
         if not 0 <= int(v) < 2**63:
             raise ValueError(f"{name}={v!r} must be a non-negative 63-bit integer")
-    return _mix(seed, step, rank, layer)
+    digest = hashlib.blake2b(struct.pack("<4q", seed, step, rank, layer), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:
