@@ -17,6 +17,7 @@ dequantized for bitsandbytes layers.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Iterable
@@ -31,6 +32,16 @@ _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 def _is_gpt2_conv1d(m: nn.Module) -> bool:
     return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and isinstance(getattr(m, "weight", None), torch.Tensor)
+
+
+@functools.cache
+def _stock_linear_deltas() -> frozenset:
+    """PEFT's ``get_delta_weight`` implementations that return ``transpose(B @ A, fan_in_fan_out) * scaling``:
+    LoRA's ``Linear`` and, when bitsandbytes is installed, its 8-bit and 4-bit layers."""
+    from peft.tuners.lora import bnb, layer
+
+    classes = [layer.Linear] + [getattr(bnb, n) for n in ("Linear8bitLt", "Linear4bit") if hasattr(bnb, n)]
+    return frozenset(c.get_delta_weight for c in classes)
 
 
 def _lora_layer_types() -> tuple[type, ...]:
@@ -139,17 +150,17 @@ class Target:
                 "Flat-LoRA needs a single active adapter on a DoRA layer (set_adapter one of them)")
         return dora[0] if dora else None
 
-    @torch.no_grad()
     def _linear_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-        """``(B, A, scaling)`` when the adapter's delta is exactly ``scaling * B @ A`` in logical layout (PEFT's
-        Linear / Conv1D LoRA without a variant); ``None`` otherwise (conv, embedding, AdaLoRA, DoRA, ...)."""
+        """``(B, A, scaling)`` when the adapter's delta is exactly ``scaling * B @ A`` in logical layout: the
+        layer computes it with PEFT's own linear ``get_delta_weight`` (not an override: a subclass may gate
+        or reshape its delta) and no variant; ``None`` otherwise (conv, embedding, AdaLoRA, DoRA, ...)."""
         m = self.module
-        lora_a, lora_b = getattr(m, "lora_A", None), getattr(m, "lora_B", None)
-        if (self.kind != "linear" or not isinstance(lora_a, nn.ModuleDict) or adapter not in lora_a
-                or not isinstance(lora_a[adapter], nn.Linear) or adapter in getattr(m, "lora_variant", {})):
+        if (self.kind != "linear" or getattr(type(m), "get_delta_weight", None) not in _stock_linear_deltas()
+                or adapter not in m.lora_A or adapter in getattr(m, "lora_variant", {})):
             return None
-        return lora_b[adapter].weight, lora_a[adapter].weight, float(m.scaling[adapter])
+        return m.lora_B[adapter].weight, m.lora_A[adapter].weight, float(m.scaling[adapter])
 
+    @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         """The weight the layer computes with, in logical layout, as a new fp32 tensor."""
         w = self.base_weight().float().clone()

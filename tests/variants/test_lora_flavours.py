@@ -161,3 +161,32 @@ def test_a_layer_holding_only_inactive_adapters_stays_clean(mode):
             torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6)
         after = model.state_dict()
         assert all(torch.allclose(before[k], after[k], rtol=0, atol=1e-6) for k in before)
+
+
+def test_a_layer_overriding_get_delta_weight_is_followed_and_merged_weights_carry_no_graph():
+    """The merged weight of a plain LoRA layer is one addmm, but only where the layer uses PEFT's own
+    ``get_delta_weight``: a subclass with a per-rank gate in its delta (docs/variants.md) gets its own delta,
+    checked against ``W0 + s * B diag(gate) A`` from the parameters. Neither path builds an autograd graph."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    from flatlora.targets import find_targets
+
+    gate = torch.tensor([1.0, 0.0, 0.5, 1.0])
+
+    class GatedLinear(LoraLinear):
+        def get_delta_weight(self, adapter):
+            b, a = self.lora_B[adapter].weight, self.lora_A[adapter].weight
+            return (b * gate) @ a * self.scaling[adapter]
+
+    model = toy(r=4, lora_alpha=8)
+    fc1 = model.get_submodule(PREFIX + "fc1")
+    fc1.__class__ = GatedLinear
+    targets = {t.name: t for t in find_targets(model)}
+    plain = _manual_merge(model, ["default"], lambda a, m: 2.0)
+    b, a = fc1.lora_B["default"].weight.detach(), fc1.lora_A["default"].weight.detach()
+    gated = fc1.base_layer.weight.detach() + 2.0 * (b * gate) @ a
+    for name, want in ((PREFIX + "fc1", gated), (PREFIX + "fc2", plain[PREFIX + "fc2"])):
+        got = targets[name].merged_weight()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert not got.requires_grad and got.grad_fn is None
+    assert not torch.allclose(gated, plain[PREFIX + "fc1"], rtol=1e-3)  # the gate matters
