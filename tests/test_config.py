@@ -33,6 +33,10 @@ def test_round_trip_json_and_dict():
     (dict(schedule="exp"), "unknown schedule 'exp'"),
     (dict(mode="fast"), "unknown mode 'fast'"),
     (dict(seed=-1), "seed=-1"),
+    (dict(seed=2**63), r"seed=9223372036854775808 must be an integer in \[0, 2\*\*63\)"),
+    (dict(seed=1.5), "seed=1.5"),
+    (dict(exclude_modules=5), "exclude_modules=5 must be a list"),
+    (dict(target_modules=7), "target_modules=7 must be a list"),
     (dict(target_modules=["("]), "not a valid regular expression"),
     (dict(target_modules=[]), "selects nothing"),
 ])
@@ -72,3 +76,16 @@ def test_help_text_with_a_percent_sign_prints():
     parser = argparse.ArgumentParser()
     dio.add_arguments(parser, Knob)
     assert "+-4% (or 100%)" in parser.format_help()
+
+
+def test_largest_seed_is_accepted_and_used():
+    from flatlora import layer_seed
+
+    cfg = FlatLoraConfig(seed=2**63 - 1)
+    assert 0 <= layer_seed(cfg.seed, 1, 0, 0) < 2**63
+
+
+def test_exclude_modules_none_means_none_excluded():
+    cfg = FlatLoraConfig(exclude_modules=None)
+    assert cfg.exclude_modules == []
+    assert FlatLoraConfig.from_json(cfg.to_json()) == FlatLoraConfig()

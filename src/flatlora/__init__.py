@@ -6,6 +6,7 @@ lands in a minimum that is flat in the full parameter space, at LoRA's cost.
 
 from .config import FlatLoraConfig
 from .core import FlatLora
+from .hf_args import FlatLoraArguments
 from .noise import NoiseSpec, filter_noise, layer_seed, row_scale
 from .schedule import sigma_at
 
@@ -13,21 +14,27 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FlatLora",
+    "FlatLoraArguments",
     "FlatLoraCallback",
     "FlatLoraConfig",
     "NoiseSpec",
     "filter_noise",
     "layer_seed",
+    "load_flat_lora_config",
     "row_scale",
+    "save_flat_lora_config",
     "sigma_at",
     "__version__",
 ]
 
 
-def __getattr__(name: str):
-    # transformers is imported only by users of the Trainer callback
-    if name == "FlatLoraCallback":
-        from .callback import FlatLoraCallback
+_LAZY = ("FlatLoraCallback", "save_flat_lora_config", "load_flat_lora_config")
 
-        return FlatLoraCallback
+
+def __getattr__(name: str):
+    # transformers is imported only by users of the Trainer callback and its saved-adapter record
+    if name in _LAZY:
+        from . import callback
+
+        return getattr(callback, name)
     raise AttributeError(f"module 'flatlora' has no attribute {name!r}")

@@ -42,22 +42,87 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; valid fields: {sorted(names)}")
-    return cls(**data)
+    try:
+        return cls(**data)
+    except TypeError as exc:  # a validator met a value of the wrong kind: say which field
+        _check_types(cls, data)
+        raise ValueError(f"{cls.__name__}: a field has a value of the wrong type ({exc})") from None
+
+
+_TYPE_WORDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+
+
+def _check_types(cls: type, data: dict[str, Any]) -> None:
+    """Raise a ``ValueError`` naming the first field whose value is of the wrong kind (e.g. a mapping where a
+    number goes). A list field also takes one bare value; an int is a valid float."""
+    hints = typing.get_type_hints(cls)
+    for name, value in data.items():
+        tp, is_list = _base_type(hints[name])
+        if value is None or tp not in _TYPE_WORDS:
+            continue
+        items = value if is_list and isinstance(value, (list, tuple)) else [value]
+        if not all(_is_a(x, tp) for x in items):
+            want = f"{_TYPE_WORDS[tp]} or a list of them" if is_list else _TYPE_WORDS[tp]
+            raise ValueError(f"{name}={value!r} must be {want}")
+
+
+def _is_a(x: Any, tp: type) -> bool:
+    if tp is float:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+    if tp is int:
+        return isinstance(x, int) and not isinstance(x, bool)
+    return isinstance(x, tp)
 
 
 def load_file(cls: type[T], path: str | Path) -> T:
-    """Read a config from ``.json``, ``.yaml`` or ``.yml``."""
+    """Read a config from ``.json``, ``.yaml`` or ``.yml``.
+
+    Every problem (missing or unreadable file, malformed YAML/JSON, not a mapping, unknown field, bad value)
+    is a one-line ``ValueError`` that names the file.
+    """
     path = Path(path)
-    text = path.read_text()
+    if path.suffix not in (".json", ".yaml", ".yml"):
+        raise ValueError(f"config file {str(path)!r} must end in .json, .yaml or .yml")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"config file {str(path)!r}: cannot read it: {_reason(exc)}") from None
+    data = parse_text(text, path)
+    if data is None:  # an empty YAML document (or one with comments only): no values
+        data = {}
+    try:
+        return from_dict(cls, data)
+    except ValueError as exc:
+        raise ValueError(f"config file {str(path)!r}: {_one_line(str(exc))}") from None
+
+
+def parse_text(text: str, path: str | Path) -> Any:
+    """Parse YAML (``.yaml``/``.yml``) or JSON (any other suffix); a syntax error is a one-line ``ValueError``
+    naming ``path`` and the line and column."""
+    path = Path(path)
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
-        data = yaml.safe_load(text) or {}
-    elif path.suffix == ".json":
-        data = json.loads(text)
-    else:
-        raise ValueError(f"config file {str(path)!r} must end in .json, .yaml or .yml")
-    return from_dict(cls, data)
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc)
+            raise ValueError(f"{str(path)!r} is not valid YAML: {where}{_one_line(problem)}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{str(path)!r} is not valid JSON: line {exc.lineno}, column {exc.colno}: {exc.msg}"
+                         ) from None
+
+
+def _reason(exc: BaseException) -> str:
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else _one_line(str(exc))
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(msg.split())
 
 
 def dump_file(obj: Any, path: str | Path) -> Path:

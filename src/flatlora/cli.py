@@ -3,6 +3,9 @@
 Each sub-command lives beside the code it drives and exposes ``register(subparsers)``, which adds its
 parser and sets ``func`` (called with the parsed namespace; returns an exit code). Modules are imported
 only to register their flags: heavy imports happen inside ``func``.
+
+Results (tables, listings) go to stdout, progress and logs to stderr. Bad input (a ``ValueError`` from the
+library, e.g. a config file that is missing or malformed) ends in one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ValueError as exc:  # bad input: one clear line, no traceback
-        print(f"flatlora {args.command}: error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"flatlora {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -36,7 +36,7 @@ class FlatLoraConfig:
         None,
         "regexes (re.search on module names) choosing the perturbed layers; default: every LoRA layer. "
         "A pattern may also select plain Linear/Conv/Embedding modules to widen the perturbation")
-    exclude_modules: list[str] = dio.help_field([], "regexes of module names never perturbed")
+    exclude_modules: list[str] = dio.help_field([], "regexes of module names never perturbed (None: none)")
     same_noise_across_ranks: bool = dio.help_field(
         False, "draw the same noise on every data-parallel rank (default: an independent sample per rank)")
 
@@ -50,8 +50,10 @@ class FlatLoraConfig:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed={self.seed!r} must be a non-negative integer")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed={self.seed!r} must be an integer in [0, 2**63): it is mixed into a 63-bit noise seed")
+        if self.exclude_modules is None:  # "nothing excluded", as the default []
+            self.exclude_modules = []
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
         if isinstance(self.exclude_modules, str):
@@ -60,6 +62,8 @@ class FlatLoraConfig:
             pats = getattr(self, name)
             if pats is None:
                 continue
+            if not isinstance(pats, (list, tuple)):
+                raise ValueError(f"{name}={pats!r} must be a list of regular expressions (or one string)")
             pats = list(pats)
             for p in pats:
                 try:

@@ -16,14 +16,16 @@ Two ways to run at ``W + E`` (both draw the same ``E`` for the same ``(seed, t, 
   only, where the restore error is fp32 rounding (~1e-7 relative).
 
 The noise scale is computed once per step from the merged weight (see `flatlora.targets`), before any
-noise is applied, and kept as an ``(m,)`` fp32 vector per layer. The exact mode computes it at each layer's
-first forward of the step and reuses it for the later micro-batches: there the weights are whole also under
-FSDP2, which holds them as DTensor row shards outside forward (the in-place mode refuses FSDP2).
+noise is applied, and kept as an ``(m,)`` fp32 vector per layer. The exact mode computes it in ``perturb``
+(outside any ``torch.compile``'d forward), except under FSDP2, which holds the weights as DTensor row shards
+outside forward: there at each layer's first forward of the step, where they are whole, reused for the later
+micro-batches (the in-place mode refuses FSDP2).
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -31,10 +33,10 @@ import torch
 from torch import nn
 
 from .config import FlatLoraConfig
-from .exact import perturbed_op
+from .exact import ExactLayer
 from .noise import NoiseSpec, layer_seed, row_scale
 from .schedule import sigma_at
-from .targets import Target, find_targets
+from .targets import Target, find_targets, lora_layers_with_active_adapters
 
 
 def _rank() -> int:
@@ -45,6 +47,11 @@ def _rank() -> int:
 
 def _is_dtensor(w: torch.Tensor) -> bool:
     return type(w).__name__ == "DTensor"
+
+
+def _sharded(target: Target) -> bool:
+    """Whether the layer's parameters are DTensor shards now (FSDP2 outside forward): not whole before forward."""
+    return any(_is_dtensor(p) for p in target.module.parameters())
 
 
 def _fsdp_module_type() -> type | None:
@@ -150,6 +157,7 @@ class FlatLora:
         if self.mode == "inplace":
             self._check_inplace()
         self._applied: _Applied | None = None
+        self._coverage_key: tuple | None = None  # active adapters when the coverage was last checked
 
     # --- inspection ------------------------------------------------------------------------------------
     @property
@@ -190,10 +198,11 @@ class FlatLora:
         return NoiseSpec(layer_seed(self.config.seed, t, self.rank, target.index), row_scale(w, sigma), tuple(w.shape))
 
     def _step_spec(self, applied: _Applied, target: Target) -> NoiseSpec:
-        """The layer's spec for the applied step, computed at its first forward of the step and then reused.
+        """The layer's spec for the applied step, computed at its first use and then reused.
 
-        Computing it there, not in ``perturb``, means the weights are whole under FSDP2 (all-gathered for the
-        forward); A and B do not change within a step, so every micro-batch (and backward) shares it.
+        `_apply_exact` asks for it in ``perturb``, or, under FSDP2, at the layer's first forward of the step,
+        where the weights are whole (all-gathered for the forward); A and B do not change within a step, so
+        every micro-batch (and backward) shares it.
         """
         spec = applied.cache.get(target.index)
         if spec is None:
@@ -224,6 +233,8 @@ class FlatLora:
         sigma = self.sigma(t)
         if self.mode == "inplace":
             self._check_inplace()
+        if sigma > 0:
+            self._check_coverage(t, sigma)
         applied = _Applied(step=t, specs=[], sigma=sigma)
         try:
             if sigma > 0 and self.mode == "inplace":
@@ -247,39 +258,45 @@ class FlatLora:
 
     # --- the two modes ---------------------------------------------------------------------------------
     def _apply_exact(self, target: Target, spec: Callable[[], NoiseSpec]) -> Callable[[], None]:
-        """Route the layer through `PerturbedOp`; ``spec()`` gives its `NoiseSpec`, read at forward time.
+        """Route the layer through the perturbed op (`flatlora.exact.ExactLayer`); ``spec()`` gives its `NoiseSpec`.
 
-        Weights are read at call time too, so under FSDP2 the op sees the whole (all-gathered) weight, and
+        Weights are read at call time, so under FSDP2 the op sees the whole (all-gathered) weight, and
         backward (after FSDP2 has all-gathered again) regenerates the same ``E`` from the spec's seed.
         """
-        op = target.op
+        layers = self.__dict__.setdefault("_exact_layers", {})  # one route per target, reused every step
+        layer = layers.get(target)
+        if layer is None:
+            layer = layers[target] = ExactLayer(target.base, target.op, target.transposed)
         base = target.base
-        if (target.quantized or target.dora_adapter() is not None or "forward" in base.__dict__
-                or not _plain_forward(base)):
+        beside = (target.quantized or target.dora_adapter() is not None or "forward" in base.__dict__
+                  or not _plain_forward(base))
+        # The spec is taken here, at perturb(), outside any torch.compile'd region: its Python (blake2b seed,
+        # merged-weight norms) cannot be traced, and a compiled forward then only reads its tensors. Under FSDP2
+        # the weights are DTensor shards until the forward all-gathers them, so there it is taken at the layer's
+        # first forward of the step (in a pre-hook when noise is added beside the layer), which a compiled model
+        # runs as a graph break (torch.compiler.disable) once per step and layer.
+        layer.begin(spec, now=not _sharded(target))
+        if beside:
             # The output is not one base matmul (DoRA rescales it, bitsandbytes has its own kernel, another
             # library replaced forward, a subclass such as a scaled embedding computes more than op(x, W, b)):
             # add op(x, E) to the layer's output instead, exact on every path.
-            # The spec is taken in a pre-hook, while the layer's weights are whole.
-            def take_spec(module: nn.Module, args: tuple) -> None:
-                spec()
-
-            def add_noise(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-                return output + perturbed_op(args[0], None, None, spec(), op).to(output.dtype)
-
-            handles = [target.module.register_forward_pre_hook(take_spec),
-                       target.module.register_forward_hook(add_noise)]
+            handles = [target.module.register_forward_pre_hook(layer.take_spec),
+                       target.module.register_forward_hook(layer.add_noise)]
 
             def remove() -> None:
                 for handle in handles:
                     handle.remove()
+                layer.end()
 
             return remove
 
-        def noisy_forward(x: torch.Tensor) -> torch.Tensor:
-            return perturbed_op(x, target.logical(base.weight), getattr(base, "bias", None), spec(), op)
+        base.forward = layer.forward  # an instance attribute: shadows the class's forward until deleted
 
-        base.forward = noisy_forward  # an instance attribute: shadows the class's forward until deleted
-        return lambda: base.__dict__.pop("forward", None)
+        def unswap() -> None:
+            base.__dict__.pop("forward", None)
+            layer.end()
+
+        return unswap
 
     def _apply_inplace(self, target: Target, spec: NoiseSpec) -> Callable[[], None]:
         weight = target.base.weight
@@ -291,6 +308,39 @@ class FlatLora:
                 spec.add_to(target.logical(weight), subtract=True, inplace=True)
 
         return subtract
+
+    def _check_coverage(self, t: int, sigma: float) -> None:
+        """Refuse a step that would perturb nothing, and warn (once per set of active adapters) about LoRA layers
+        holding an active adapter that were added after this `FlatLora` was built and so are not perturbed.
+
+        The model is scanned only when the active adapters differ from the last check (a scan walks every
+        module): adding an adapter only matters once it is activated, which changes them.
+        """
+        in_use = [tg for tg in self._targets if tg.in_use()]
+        key = tuple(sorted({a for tg in self._targets if tg.is_lora for a in tg.module.active_adapters}))
+        if in_use and key == self._coverage_key:
+            return
+        known = {id(tg.module) for tg in self._targets}
+        active = lora_layers_with_active_adapters(self.model)
+        try:
+            fresh = find_targets(self.model, self.config.target_modules, self.config.exclude_modules)
+        except ValueError:  # nothing selectable now
+            fresh = []
+        missed = [tg.name for tg in fresh if id(tg.module) not in known and tg.in_use()]
+        if not in_use:
+            why = (f"the LoRA layers holding them ({_names(missed)}) were added after FlatLora was built: build it "
+                   "again after adding or activating adapters" if missed else
+                   f"the LoRA layers holding them ({_names(active)}) are excluded by target_modules="
+                   f"{self.config.target_modules} / exclude_modules={self.config.exclude_modules}" if active else
+                   "no LoRA layer of the model holds an active adapter")
+            raise ValueError(f"step {t}: sigma={sigma:.3g}, but none of the {len(self._targets)} layers FlatLora "
+                             f"targets holds an active adapter (active: {list(key) or 'none'}), so the step would "
+                             f"silently be plain LoRA: {why}")
+        self._coverage_key = key
+        if missed:
+            warnings.warn(f"LoRA layers {_names(missed)} hold an active adapter but were added after FlatLora was "
+                          "built, so they are not perturbed; build FlatLora again to include them",
+                          RuntimeWarning, stacklevel=3)
 
     def _check_inplace(self) -> None:
         for target in self._targets:
@@ -311,6 +361,11 @@ class FlatLora:
     def __repr__(self) -> str:
         return (f"FlatLora(mode={self.mode!r}, rho={self.config.rho}, schedule={self.config.schedule!r}, "
                 f"total_steps={self.total_steps}, layers={len(self._targets)})")
+
+
+def _names(names: list[str], shown: int = 4) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(repr(n) for n in names[:shown]) + more
 
 
 def _undo_all(undo: list[Callable[[], None]]) -> None:

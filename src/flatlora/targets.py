@@ -12,7 +12,7 @@ The merged weight is what the layer actually computes with:
     W = m / ||W_base + delta||_row * (W_base + delta)                                (DoRA)
 
 ``W_base`` already contains merged adapters and the rewrites of PiSSA/OLoRA/LoRA-GA initialisations, and is
-dequantized for bitsandbytes layers.
+dequantized for bitsandbytes layers (in either of their CPU layouts, see `flatlora._quantized`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from ._quantized import dequantize, is_quantized
 from .exact import Op
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -60,24 +61,14 @@ def _kind(base: nn.Module) -> str | None:
     return None
 
 
-def is_quantized(base: nn.Module) -> bool:
-    """bitsandbytes (and other packed) weights: integer storage that cannot hold ``W + E``."""
-    w = base.weight
-    return type(w).__name__ in ("Params4bit", "Int8Params") or not w.dtype.is_floating_point
+def _own_adapters(m: nn.Module) -> set[str]:
+    """Adapter names a LoRA layer holds (linear/conv ``lora_A``, embedding ``lora_embedding_A``)."""
+    return set(getattr(m, "lora_A", {})) | set(getattr(m, "lora_embedding_A", {}))
 
 
-def _dequantize(base: nn.Module) -> torch.Tensor:
-    """The float weight of a quantized layer, in its stored layout, without touching the layer.
-
-    bitsandbytes weights go through PEFT's ``dequantize_bnb_weight`` with the layer's 8-bit ``state``: PEFT's
-    ``dequantize_module_weight`` would also re-assign ``module.weight`` on CPU, which drops an 8-bit weight's
-    scales (``SCB``) once the layer has run forward and breaks its next forward (bitsandbytes 0.50).
-    """
-    from peft.utils.integrations import dequantize_bnb_weight, dequantize_module_weight
-
-    if type(base.weight).__name__ in ("Params4bit", "Int8Params"):
-        return dequantize_bnb_weight(base.weight, state=getattr(base, "state", None))
-    return dequantize_module_weight(base)
+def _holds_active_adapter(m: nn.Module) -> bool:
+    own = _own_adapters(m)
+    return any(a in own for a in m.active_adapters)
 
 
 def _is_dora(module: nn.Module, adapter: str) -> bool:
@@ -117,7 +108,7 @@ class Target:
     def base_weight(self) -> torch.Tensor:
         """``W_base`` in logical layout: a view of the parameter, or a dequantized copy."""
         if self.quantized:
-            return self.logical(_dequantize(self.base)).detach()
+            return self.logical(dequantize(self.base)).detach()
         return self.logical(self.base.weight)
 
     def active_adapters(self) -> list[str]:
@@ -125,8 +116,7 @@ class Target:
         m = self.module
         if not self.is_lora or getattr(m, "disable_adapters", False):
             return []
-        own = set(getattr(m, "lora_A", {})) | set(getattr(m, "lora_embedding_A", {}))
-        merged = set(getattr(m, "merged_adapters", []))
+        own, merged = _own_adapters(m), set(getattr(m, "merged_adapters", []))
         return [a for a in m.active_adapters if a in own and a not in merged]
 
     def in_use(self) -> bool:
@@ -134,11 +124,7 @@ class Target:
         model's active adapters lives on it (merged or not; with adapters disabled its base still is, as the
         in-place mode's weights would be). A layer holding only inactive adapters computes like a layer LoRA
         does not target, so it stays clean: training one adapter sees the same noise whatever others exist."""
-        m = self.module
-        if not self.is_lora:
-            return True
-        own = set(getattr(m, "lora_A", {})) | set(getattr(m, "lora_embedding_A", {}))
-        return any(a in own for a in m.active_adapters)
+        return not self.is_lora or _holds_active_adapter(self.module)
 
     def dora_adapter(self) -> str | None:
         """The active DoRA adapter, if any (then the merged weight is DoRA's own)."""
@@ -197,6 +183,12 @@ def _check_supported(name: str, module: nn.Module, base: nn.Module) -> None:
             raise ValueError(
                 f"layer {name!r} uses the LoRA variant {type(module.lora_variant[adapter]).__name__} for adapter "
                 f"{adapter!r}, whose merged weight Flat-LoRA does not know; add {name!r} to exclude_modules")
+
+
+def lora_layers_with_active_adapters(model: nn.Module) -> list[str]:
+    """Names of the PEFT LoRA layers on which one of the model's active adapters lives."""
+    lora_types = _lora_layer_types()
+    return [name for name, m in model.named_modules() if isinstance(m, lora_types) and _holds_active_adapter(m)]
 
 
 def find_targets(model: nn.Module, target_modules: Iterable[str] | None = None,

@@ -115,6 +115,17 @@ def test_bad_input_exits_2_with_one_line(compare_dir, tmp_path, capsys, argv, me
     assert not (compare_dir / "sharpness.json").exists()
 
 
+@pytest.mark.parametrize("command", ["sharpness", "landscape"])
+def test_a_truncated_run_json_is_an_error_naming_it(compare_dir, capsys, command):
+    bad = compare_dir / "lora" / "seed0" / "run.json"
+    bad.write_text(bad.read_text()[:15])  # '{"label": "lora': cut inside a string
+    assert main([command, str(compare_dir), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and str(bad) in err and "Unterminated string" in err
+    assert "Traceback" not in err
+    assert not (compare_dir / "sharpness.json").exists() and not (compare_dir / "landscape.json").exists()
+
+
 @pytest.mark.slow
 def test_on_the_harness_smoke_runs(tmp_path, capsys):
     """Real runs: `flatlora compare --preset smoke` (lora and flat-lora, one seed), then both commands."""

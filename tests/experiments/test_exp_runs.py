@@ -29,3 +29,28 @@ def test_clean_stale_and_find_runs_skip_temp_folders(tmp_path):
     assert clean_stale(tmp_path) == [stale] and not stale.exists()
     with pytest.raises(ValueError, match="does not exist"):
         find_runs(tmp_path / "missing")
+
+
+def test_a_truncated_run_json_is_not_finished_and_every_reader_names_it(tmp_path):
+    from flatlora.experiments.runs import read_json, read_run, run_file_error
+
+    run = tmp_path / "lora" / "seed0"
+    with atomic_dir(run) as tmp:
+        write_json_atomic(tmp / "run.json", {"label": "lora/seed0", "seed": 0})
+    path = run / "run.json"
+    path.write_text(path.read_text()[:20])  # '{\n  "label": "lora/s': cut inside a string
+    assert not is_finished(run)
+    problem = run_file_error(run)
+    assert str(path) in problem and "not valid JSON" in problem and "Unterminated string" in problem
+    for read in (lambda: read_run(run), lambda: read_json(path)):
+        with pytest.raises(ValueError, match="Unterminated string") as exc:
+            read()
+        assert str(path) in str(exc.value)
+    with atomic_dir(run) as tmp:  # an unfinished folder is replaced by the re-run
+        write_json_atomic(tmp / "run.json", {"label": "lora/seed0", "seed": 0})
+    assert is_finished(run) and run_file_error(run) is None
+    path.write_text("[1, 2]\n")  # JSON, but not a run
+    assert not is_finished(run) and "not an object" in run_file_error(run)
+    with pytest.raises(ValueError, match="cannot read") as exc:
+        read_json(tmp_path / "missing.json")
+    assert str(tmp_path / "missing.json") in str(exc.value)

@@ -68,3 +68,29 @@ def test_paired_diff_and_degenerate_cases():
     assert one.n == 1 and math.isnan(one.low) and math.isnan(one.p_value) and math.isnan(std([0.5]))
     with pytest.raises(ValueError, match="equal lengths"):
         paired_diff([1, 2], [1])
+
+
+def test_all_equal_paired_differences_leave_the_t_test_undefined():
+    # differences 0.0312 on every seed: s = 0, t = 0.0312 / 0 -- no p-value, no interval (was p 0, CI [m, m])
+    d = paired_diff([0.8312, 0.8512, 0.8012], [0.80, 0.82, 0.77])
+    assert d.n == 3 and d.mean == pytest.approx(0.0312, abs=1e-12) and d.std == 0
+    assert math.isnan(d.p_value) and math.isnan(d.low) and math.isnan(d.high)
+    # 0.85 - 0.80 and 0.90 - 0.85 differ by 1.1e-16 in binary floats: still "all equal", not p = 0
+    d = paired_diff([0.85, 0.90], [0.80, 0.85])
+    assert 0.85 - 0.80 != 0.90 - 0.85 and d.std == 0 and math.isnan(d.p_value) and math.isnan(d.low)
+    zero = mean_ci([0.0, 0.0, 0.0])  # t = 0 / 0 (was p = 1)
+    assert zero.mean == 0 and math.isnan(zero.p_value) and math.isnan(zero.high)
+
+
+def test_a_small_real_spread_keeps_the_t_test():
+    # differences 0.01, 0: mean 0.005, s = 0.0070711, se = 0.005, t = 1 on 1 df (Cauchy): p = 1 - 2 atan(1) / pi
+    # = 0.5, half-width t_{0.975, 1} * se = 12.7062 * 0.005 = 0.063531
+    d = paired_diff([0.81, 0.80], [0.80, 0.80])
+    assert d.p_value == pytest.approx(0.5, abs=1e-9)
+    assert d.high - d.mean == pytest.approx(0.063531, abs=1e-6) and d.std == pytest.approx(0.0070711, abs=1e-7)
+
+
+def test_a_single_pair_has_a_mean_and_nothing_else():
+    d = paired_diff([0.83], [0.80])
+    assert d.n == 1 and d.mean == pytest.approx(0.03, abs=1e-12)
+    assert all(math.isnan(v) for v in (d.std, d.low, d.high, d.p_value))

@@ -141,11 +141,34 @@ def assert_grads_close(got: dict, want: dict, clean: dict | None = None, rtol: f
 
 
 def state_without_adapters(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every frozen tensor of the state dict (base weights, biases, quantization state): not the adapters and
-    not PEFT's trainable copies of ``modules_to_save`` (e.g. a classifier head)."""
+    """Every frozen tensor (base weights, biases, buffers, quantization state): not the adapters and not PEFT's
+    trainable copies of ``modules_to_save`` (e.g. a classifier head).
+
+    Read from the parameters and their quantization state, not through ``state_dict()``: bitsandbytes'
+    ``Linear4bit._save_to_state_dict`` converts a CPU-packed 4-bit weight back in place, so a state dict would
+    change the very layout under test.
+    """
     keys = ("lora_", "ranknum", "modules_to_save")
-    return {k: v.detach().clone() for k, v in model.state_dict().items()
-            if not any(s in k for s in keys) and isinstance(v, torch.Tensor)}
+    out = {}
+    for prefix, module in model.named_modules():
+        own = [*module.named_parameters(prefix=prefix, recurse=False), *module.named_buffers(prefix=prefix, recurse=False)]
+        for name, t in own:
+            if any(s in name for s in keys):
+                continue
+            out[name] = t.detach().clone()
+            # 8-bit scales: on the weight until the first forward, then on the layer's state
+            scb = getattr(t, "SCB", None)
+            scb = scb if scb is not None else getattr(getattr(module, "state", None), "SCB", None)
+            if type(t).__name__ == "Int8Params" and scb is not None:
+                out[f"{name}.SCB"] = scb.detach().clone()
+            qs = getattr(t, "quant_state", None)
+            while qs is not None:  # 4-bit: absmax, code, offset, nested state2; and the layout flag
+                for k, v in vars(qs).items():
+                    if isinstance(v, torch.Tensor):
+                        out[f"{name}.quant_state.{k}"] = v.detach().clone()
+                out[f"{name}.quant_state.packed"] = torch.tensor(bool(getattr(qs, "packing_format_for_cpu", False)))
+                name, qs = f"{name}.state2", getattr(qs, "state2", None)
+    return out
 
 
 def assert_same_state(before: dict, after: dict, atol: float = 0.0) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .. import _dataclass_io as dio
 
@@ -58,7 +59,7 @@ def run_sharpness(ns: argparse.Namespace) -> int:
     cfg = _resolve(ns, SharpnessConfig)
     rows, files = measure_sharpness(ns.paths, cfg, out=ns.out, progress=not ns.no_progress)
     print(sharpness_table(rows), end="")
-    print("wrote " + ", ".join(str(f) for f in files.values()))
+    print("wrote " + ", ".join(str(f) for f in files.values()), file=sys.stderr)
     return 0
 
 
@@ -69,5 +70,5 @@ def run_landscape(ns: argparse.Namespace) -> int:
     cfg = _resolve(ns, LandscapeConfig)
     curves, _, files = measure_landscapes(ns.paths, cfg, out=ns.out, progress=not ns.no_progress)
     print(landscape_table(curves), end="")
-    print("wrote " + ", ".join(str(f) for f in files.values()))
+    print("wrote " + ", ".join(str(f) for f in files.values()), file=sys.stderr)
     return 0

@@ -20,6 +20,7 @@ from .config import LandscapeConfig, SharpnessConfig
 def resolve_runs(paths: Sequence[str | Path]) -> list[Path]:
     """Run folders named by ``paths`` (runs, compare folders, or adapter folders of runs), in order, no repeats."""
     from ..experiments import find_runs
+    from ..experiments.runs import read_run
 
     if not paths:
         raise ValueError("no run given; pass a run folder or a compare folder written by `flatlora compare`")
@@ -36,6 +37,8 @@ def resolve_runs(paths: Sequence[str | Path]) -> list[Path]:
         if not runs:
             raise ValueError(f"no finished run (run.json) under {str(p)!r}")
         found += [r for r in runs if r not in found]
+    for run in found:  # a damaged run.json stops the command before any measurement, naming the file
+        read_run(run)
     return found
 
 

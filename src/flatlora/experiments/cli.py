@@ -1,4 +1,6 @@
-"""``flatlora compare``: flags (generated from `ExperimentConfig`) -> config -> `compare`. Nothing else."""
+"""``flatlora compare``: flags (generated from `ExperimentConfig`) -> config -> `compare`. Nothing else.
+
+The result tables go to stdout (``flatlora compare > table.md``); the plan, progress and log to stderr."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ def register(subparsers) -> None:
         "compare", help="train LoRA, Flat-LoRA and SAM baselines on an embedded task and compare them",
         description="Train every method x rank x seed of a preset on an embedded offline task, with paired "
                     "seeds, and report accuracy (in-domain and out-of-domain), train loss, step time and memory "
-                    "with 95%% confidence intervals. Values: preset < --config file < flags. Resumes an "
+                    "with 95% confidence intervals. Values: preset < --config file < flags. Resumes an "
                     "interrupted run folder. Field defaults shown below are the dataclass's; the chosen preset "
                     "overrides some of them (see --list or --dry-run).")
     p.add_argument("--preset", default="default", choices=sorted(PRESETS),
@@ -69,5 +71,6 @@ def run_compare(ns: argparse.Namespace) -> int:
         print(plan_text(cfg))
         print(f"run folder: {ns.out or default_root(cfg)}")
         return 0
-    compare(cfg, out=ns.out, progress=not ns.no_progress)
+    results = compare(cfg, out=ns.out, progress=not ns.no_progress)
+    print(results["table"], end="")
     return 0

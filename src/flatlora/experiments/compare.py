@@ -1,6 +1,7 @@
 """`compare`: run every (method, rank, seed) of a config into one run folder, resumably, then report.
 
-Finished runs (folders with ``run.json``) are never re-run; temp folders of an interrupted compare are
+Finished runs (folders with a readable ``run.json``) are never re-run; a run whose ``run.json`` cannot be
+read (e.g. truncated) is re-run, with a warning naming the file; temp folders of an interrupted compare are
 removed and their runs started afresh. The folder's ``config.yaml`` pins everything that changes results:
 resuming with a different training setup is refused (only methods, seeds, ranks, device and threads may
 change, which adds or selects runs).
@@ -10,13 +11,14 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 from .config import ExperimentConfig
-from .runs import clean_stale, is_finished
+from .runs import RUN_FILE, clean_stale, is_finished, run_file_error
 
 # fields that select which runs exist (or where they run), not what a run computes
 _FREE_FIELDS = {"name", "preset", "methods", "seeds", "ranks", "device", "threads"}
@@ -39,7 +41,15 @@ def check_resumable(root: Path, cfg: ExperimentConfig) -> None:
                          "or delete the folder to start over")
 
 
+class _NotForConsole(logging.Filter):
+    """Drop records logged with ``extra={"file_only": True}`` (the result tables: the CLI prints them to stdout)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, "file_only", False)
+
+
 def _logger(root: Path, echo: bool) -> logging.Logger:
+    """Log to ``root/log.txt`` and to stderr (everything with ``echo``, else warnings only: never silent)."""
     log = logging.getLogger(f"flatlora.compare.{root.resolve()}")
     log.setLevel(logging.INFO)
     log.propagate = False
@@ -49,10 +59,11 @@ def _logger(root: Path, echo: bool) -> logging.Logger:
     fh = logging.FileHandler(root / "log.txt")
     fh.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     log.addHandler(fh)
-    if echo:
-        sh = logging.StreamHandler()
-        sh.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(sh)
+    sh = logging.StreamHandler(sys.stderr)
+    sh.setFormatter(logging.Formatter("%(message)s"))
+    sh.setLevel(logging.INFO if echo else logging.WARNING)
+    sh.addFilter(_NotForConsole())
+    log.addHandler(sh)
     return log
 
 
@@ -76,7 +87,11 @@ def plan_text(cfg: ExperimentConfig) -> str:
 
 def compare(cfg: ExperimentConfig, out: str | Path | None = None, progress: bool = True,
             echo: bool = True) -> dict[str, Any]:
-    """Run (or resume) the comparison ``cfg`` into ``out`` (default ``./runs/<name>``); returns results.json."""
+    """Run (or resume) the comparison ``cfg`` into ``out`` (default ``./runs/<name>``); returns results.json.
+
+    The plan, progress and log go to stderr (with ``echo``; warnings always) and to ``log.txt``; the result
+    table is written to ``table.md`` and ``log.txt`` and returned as ``results["table"]``, not logged to stderr.
+    """
     from .report import write_report
     from .train import train_run
 
@@ -91,6 +106,10 @@ def compare(cfg: ExperimentConfig, out: str | Path | None = None, progress: bool
         log.info(f"removed {len(stale)} unfinished temp folder(s) of an interrupted compare")
     log.info(f"flatlora compare -> {root}\n" + plan_text(cfg))
     labels = cfg.run_labels()
+    for _, _, _, rel in labels:
+        problem = run_file_error(root / rel)
+        if problem is not None:
+            log.warning(f"warning: {root / rel / RUN_FILE} is unreadable ({problem}); the run {rel} will be re-run")
     todo = [lab for lab in labels if not is_finished(root / lab[3])]
     if len(todo) < len(labels):
         log.info(f"resuming: {len(labels) - len(todo)} of {len(labels)} runs already finished, skipped")
@@ -114,7 +133,7 @@ def compare(cfg: ExperimentConfig, out: str | Path | None = None, progress: bool
     if todo:
         log.info(f"{len(todo)} run(s) took {time.perf_counter() - t0:.0f} s")
     results = write_report(root, cfg)
-    log.info("\n" + results["table"])
+    log.info("\n" + results["table"], extra={"file_only": True})
     log.info(f"wrote {root / 'table.md'}, {root / 'results.json'}, " + ", ".join(Path(p).name for p in results["plots"]))
     for h in list(log.handlers):
         log.removeHandler(h)

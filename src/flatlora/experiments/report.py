@@ -3,20 +3,19 @@
 Per method (and rank): mean +- sample std over seeds of in-domain test accuracy, out-of-domain accuracy
 (per severity for vision), final clean train loss, step time and peak memory. Paired differences
 (method - baseline, seed by seed: flat-lora - lora, lora-sam - lora, ..., X+flat - X) with Student-t 95%
-confidence intervals and the paired t-test p-value. Accuracies are reported in percent, differences in
-percentage points (pp).
+confidence intervals and the paired t-test p-value (undefined, shown "n/a", for one seed or when every paired
+difference is equal). Accuracies are reported in percent, differences in percentage points (pp).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from .config import ExperimentConfig
 from .methods import paired_baseline
-from .runs import CURVE_FILE, read_run, write_json_atomic, write_text_atomic
+from .runs import CURVE_FILE, read_json, read_run, write_json_atomic, write_text_atomic
 from .stats import mean, mean_ci, paired_diff, std
 
 
@@ -122,11 +121,19 @@ def table_md(results: dict[str, Any]) -> str:
                   "|---|---|---|---|---|---|"]
         for p in results["paired"]:
             for metric, d in p["diffs"].items():
-                ci = "n/a (1 seed)" if d["n"] < 2 else f"[{_pp(d['low'])}, {_pp(d['high'])}]"
-                pv = "n/a" if math.isnan(d["p_value"]) else f"{d['p_value']:.3f}"
+                ci, pv = _ci_cells(d)
                 lines.append(f"| {p['method']} − {p['baseline']} | {metric} | {_pp(d['mean'])} | {ci} | {pv} | "
                              f"{d['n']} |")
     return "\n".join(lines) + "\n"
+
+
+def _ci_cells(d: dict) -> tuple[str, str]:
+    """The CI and p-value cells of a paired difference; 'n/a (why)' where the t-test is undefined."""
+    if d["n"] < 2:
+        return "n/a (1 seed)", "n/a (1 seed)"
+    if math.isnan(d["p_value"]) and d["std"] == 0:
+        return "n/a (all paired differences equal)", "n/a (all paired differences equal)"
+    return f"[{_pp(d['low'])}, {_pp(d['high'])}]", f"{d['p_value']:.3f}"
 
 
 def _ood_n(results: dict[str, Any]) -> str:
@@ -167,7 +174,7 @@ def plot_all(root: Path, results: dict[str, Any], runs: dict[str, list[dict]]) -
 
 
 def _err(s: dict) -> tuple[float, float]:
-    if s["n"] < 2:
+    if not (math.isfinite(s["ci_low"]) and math.isfinite(s["ci_high"])):  # 1 seed, or every seed equal
         return 0.0, 0.0
     return 100 * (s["mean"] - s["ci_low"]), 100 * (s["ci_high"] - s["mean"])
 
@@ -211,7 +218,7 @@ def _plot_severity(plt, root: Path, results: dict) -> Path:
         stats = [m["test_accuracy"]] + [m["ood_groups"][g] for g in groups]
         ys = [100 * s["mean"] for s in stats]
         ax.plot(xs, ys, "o-", label=label)
-        if all(s["n"] > 1 for s in stats):
+        if all(math.isfinite(s["ci_low"]) and math.isfinite(s["ci_high"]) for s in stats):
             ax.fill_between(xs, [100 * s["ci_low"] for s in stats], [100 * s["ci_high"] for s in stats], alpha=0.15)
     ax.set_xlabel("corruption severity (0 = clean test set)")
     ax.set_ylabel("accuracy (%)")
@@ -233,7 +240,7 @@ def _smooth(xs: list[float], k: int) -> list[float]:
 def _plot_curves(plt, root: Path, runs: dict[str, list[dict]]) -> Path:
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for label, rs in runs.items():
-        curves = [json.loads((Path(r["_dir"]) / CURVE_FILE).read_text()) for r in rs]
+        curves = [read_json(Path(r["_dir"]) / CURVE_FILE) for r in rs]
         n = min(len(c["loss"]) for c in curves)
         avg = [mean([c["loss"][i] for c in curves]) for i in range(n)]
         k = max(1, n // 20)
@@ -250,7 +257,7 @@ def _plot_paired(plt, root: Path, results: dict) -> Path:
             for metric, d in p["diffs"].items()]
     fig, ax = plt.subplots(figsize=(7, 0.9 + 0.35 * len(rows)))
     for i, (name, d) in enumerate(rows):
-        if d["n"] > 1:
+        if math.isfinite(d["low"]) and math.isfinite(d["high"]):
             ax.errorbar(100 * d["mean"], i, xerr=[[100 * (d["mean"] - d["low"])], [100 * (d["high"] - d["mean"])]],
                         fmt="o", capsize=4, color="C0")
         else:

@@ -9,7 +9,9 @@
 
 A run is built in a hidden sibling folder ``.seed<k>.tmp-<pid>`` and renamed into place when complete,
 so a run folder with ``run.json`` is always whole; an interrupted compare leaves only temp folders, which
-the next compare removes before re-running exactly the runs that are missing.
+the next compare removes before re-running exactly the runs that are missing. A ``run.json`` damaged later
+(truncated by a full disk or a partial copy) makes its run unfinished: compare re-runs it, and every reader
+names the file in its error.
 """
 
 from __future__ import annotations
@@ -53,8 +55,39 @@ def _jsonable(v: Any) -> Any:
     raise TypeError(f"{type(v).__name__} is not JSON serialisable")
 
 
+def read_json(path: str | Path) -> Any:
+    """``json.loads`` of a file; a missing, unreadable or malformed file is a ``ValueError`` naming it."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ValueError(f"cannot read {str(path)!r}: {reason}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{str(path)!r} is not valid JSON (truncated or damaged?): line {exc.lineno}, "
+                         f"column {exc.colno}: {exc.msg}") from None
+
+
+def run_file_error(run_dir: str | Path) -> str | None:
+    """Why ``run_dir``'s ``run.json`` is there but unusable (not readable JSON, not an object), else ``None``
+    (also when there is no ``run.json``: that run is simply unfinished)."""
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        info = read_json(path)
+    except ValueError as exc:
+        return str(exc)
+    if not isinstance(info, dict):
+        return f"{str(path)!r} holds a JSON {type(info).__name__}, not an object"
+    return None
+
+
 def is_finished(run_dir: str | Path) -> bool:
-    return (Path(run_dir) / RUN_FILE).is_file()
+    """Whether ``run_dir`` holds a readable ``run.json`` (a truncated or damaged one means: not finished)."""
+    return (Path(run_dir) / RUN_FILE).is_file() and run_file_error(run_dir) is None
 
 
 @contextlib.contextmanager
@@ -104,10 +137,18 @@ def find_runs(root: str | Path) -> list[Path]:
 
 
 def read_run(run_dir: str | Path) -> dict[str, Any]:
+    """The ``run.json`` of a finished run; a missing or damaged one is a ``ValueError`` naming the file."""
     path = Path(run_dir) / RUN_FILE
     if not path.is_file():
         raise ValueError(f"{str(run_dir)!r} is not a finished run (no {RUN_FILE}); list runs with find_runs(root)")
-    return json.loads(path.read_text())
+    try:
+        info = read_json(path)
+    except ValueError as exc:
+        raise ValueError(f"{exc}; re-running the `flatlora compare` that wrote it redoes that run") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{str(path)!r} holds a JSON {type(info).__name__}, not an object; re-running the "
+                         "`flatlora compare` that wrote it redoes that run")
+    return info
 
 
 @dataclass
@@ -139,7 +180,14 @@ def load_run(run_dir: str | Path, n_batches: int = 8, batch_size: int = 32) -> L
             raise ValueError(f"{name}={v!r} must be a positive integer")
     run_dir = Path(run_dir)
     info = read_run(run_dir)
-    cfg = ExperimentConfig.from_dict(info["config"])
+    missing = sorted({"config", "seed", "label"} - set(info))
+    if missing:
+        raise ValueError(f"{str(run_dir / RUN_FILE)!r} lacks {', '.join(missing)}: not a run.json written by "
+                         "`flatlora compare`")
+    try:
+        cfg = ExperimentConfig.from_dict(info["config"])
+    except ValueError as exc:
+        raise ValueError(f"{str(run_dir / RUN_FILE)!r}: its config is not valid here: {exc}") from None
     task = get_task(cfg.task)
     base = task.build_model(cfg, int(info["seed"]))
     model = PeftModel.from_pretrained(base, str(run_dir / ADAPTER_DIR), is_trainable=False)
@@ -151,5 +199,5 @@ def load_run(run_dir: str | Path, n_batches: int = 8, batch_size: int = 32) -> L
     return LoadedRun(model=model, loss_fn=task.ce_loss, batches=batches, label=info["label"], info=info)
 
 
-__all__ = ["LoadedRun", "atomic_dir", "clean_stale", "find_runs", "is_finished", "load_run", "read_run",
-           "write_json_atomic", "write_text_atomic"]
+__all__ = ["LoadedRun", "atomic_dir", "clean_stale", "find_runs", "is_finished", "load_run", "read_json",
+           "read_run", "run_file_error", "write_json_atomic", "write_text_atomic"]

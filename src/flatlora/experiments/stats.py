@@ -12,6 +12,7 @@ them against published table values (t_{0.975} = 12.706 for nu = 1, 2.776 for nu
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
@@ -126,27 +127,43 @@ class Interval:
 
 
 def mean_ci(xs: Sequence[float], level: float = 0.95) -> Interval:
-    """``mean +- t_{(1+level)/2, n-1} * s / sqrt(n)``; bounds and p are nan for ``n < 2``."""
+    """``mean +- t_{(1+level)/2, n-1} * s / sqrt(n)`` and the t-test p-value of mean 0.
+
+    Undefined (nan bounds and p) for ``n < 2``, and when every value is equal (``s = 0``: the t statistic is
+    0/0 or +-inf, and a zero-width interval would claim certainty that two to five seeds cannot give); values
+    that differ only by floating-point rounding count as equal, and ``std`` is then reported as 0.
+    """
     xs = [float(x) for x in xs]
-    n = len(xs)
-    m = mean(xs)
-    s = std(xs)
-    if n < 2:
-        return Interval(n, m, s, math.nan, math.nan, math.nan, level)
-    se = s / math.sqrt(n)
-    half = t_quantile(0.5 + level / 2.0, n - 1) * se
-    if se == 0:
-        p = 1.0 if m == 0 else 0.0
-    else:
-        p = 2.0 * (1.0 - t_cdf(abs(m) / se, n - 1))
-    return Interval(n, m, s, m - half, m + half, p, level)
+    return _interval(xs, level, scale=max((abs(x) for x in xs), default=0.0))
 
 
 def paired_diff(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> Interval:
-    """Interval of the mean of ``a_i - b_i`` (the same seed i on both sides)."""
+    """Interval of the mean of ``a_i - b_i`` (the same seed i on both sides); undefined as `mean_ci` says,
+    e.g. when every difference is equal (up to the rounding of the subtraction)."""
     if len(a) != len(b):
         raise ValueError(f"paired samples need equal lengths, got {len(a)} and {len(b)}")
-    return mean_ci([x - y for x, y in zip(a, b)], level)
+    a, b = [float(x) for x in a], [float(y) for y in b]
+    return _interval([x - y for x, y in zip(a, b)], level, scale=max((abs(v) for v in a + b), default=0.0))
 
 
-__all__ = ["Interval", "betainc", "mean", "mean_ci", "paired_diff", "std", "t_cdf", "t_quantile"]
+def all_equal(xs: Sequence[float], scale: float) -> bool:
+    """Whether ``xs`` agree up to floating-point rounding of numbers of magnitude ``scale``: 0.85 - 0.80 and
+    0.90 - 0.85 differ by 1.1e-16, an artefact of binary floats, not a difference between seeds."""
+    return max(xs) - min(xs) <= 4 * sys.float_info.epsilon * scale
+
+
+def _interval(xs: list[float], level: float, scale: float) -> Interval:
+    n = len(xs)
+    m = mean(xs)
+    if n < 2:
+        return Interval(n, m, math.nan, math.nan, math.nan, math.nan, level)
+    if all_equal(xs, scale):
+        return Interval(n, m, 0.0, math.nan, math.nan, math.nan, level)
+    s = std(xs)
+    se = s / math.sqrt(n)
+    half = t_quantile(0.5 + level / 2.0, n - 1) * se
+    p = 2.0 * (1.0 - t_cdf(abs(m) / se, n - 1))
+    return Interval(n, m, s, m - half, m + half, p, level)
+
+
+__all__ = ["Interval", "all_equal", "betainc", "mean", "mean_ci", "paired_diff", "std", "t_cdf", "t_quantile"]

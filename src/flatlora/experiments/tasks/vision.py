@@ -5,9 +5,11 @@
   block and the head conv. Its 1x1 "same-padding" convs (a ``Conv2d`` subclass PEFT rejects) are swapped for
   plain ``nn.Conv2d`` first (they pad nothing), BatchNorm stays in eval mode (running statistics frozen), and
   ``torch.set_flush_denormal(True)`` is set (denormals make CPU steps ~40x slower).
-* Data: Debian ``dataset-fashion-mnist`` IDX files, unpacked by ``scripts/install_assets.sh`` into
-  ``./.data/fashion-mnist`` (or ``$FLATLORA_DATA_DIR/fashion-mnist``); 28x28 grey images resized to
-  ``image_size`` and repeated over 3 channels, scaled to [-1, 1].
+* Data: Debian ``dataset-fashion-mnist`` IDX files in a ``fashion-mnist`` folder of the data root (see
+  `data_roots`): ``$FLATLORA_DATA`` when set, else the user cache ``$XDG_CACHE_HOME/flatlora`` (default
+  ``~/.cache/flatlora``), else a source checkout's ``.data``; ``scripts/install_assets.sh`` unpacks them
+  where `install_dir` says. 28x28 grey images resized to ``image_size`` and repeated over 3 channels,
+  scaled to [-1, 1].
 * Out-of-domain: the test subset corrupted at severities 1..5, in the spirit of CIFAR-10-C, generated
   deterministically with torch on the 28x28 images in [0, 1] (noise from a generator seeded by data seed,
   corruption and severity): ``gaussian_noise`` (additive N(0, c^2)), ``contrast`` (pull to the image mean),
@@ -38,12 +40,76 @@ _LEVELS = {
 }
 _INSTALL_HINT = "run `bash scripts/install_assets.sh .venv/bin/python` to install the offline assets"
 
+DATA_ENV = "FLATLORA_DATA"  # data root; FLATLORA_DATA_DIR, its earlier name, is read when it is unset
+_LEGACY_DATA_ENV = "FLATLORA_DATA_DIR"
+FMNIST = "fashion-mnist"
+_FMNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte")
+
+
+def user_cache_root() -> Path:
+    """``$XDG_CACHE_HOME/flatlora``, or ``~/.cache/flatlora`` when that is unset, empty or relative (XDG rule)."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
+    return base / "flatlora"
+
+
+def checkout_root() -> Path | None:
+    """``<repo>/.data`` when this module runs from a source checkout (``<repo>/src/flatlora/...`` beside a
+    ``pyproject.toml``), else None (an installed wheel has no checkout)."""
+    parents = Path(__file__).resolve().parents
+    if parents[3].name == "src" and (parents[4] / "pyproject.toml").is_file():
+        return parents[4] / ".data"
+    return None
+
+
+def data_roots() -> list[tuple[Path, str]]:
+    """The data roots searched, in order, with where each comes from.
+
+    ``$FLATLORA_DATA`` alone when set (an explicit choice is never silently bypassed); otherwise the user cache
+    (`user_cache_root`), then the source checkout's ``.data`` (`checkout_root`, where earlier versions of
+    ``scripts/install_assets.sh`` unpacked the data).
+    """
+    for env in (DATA_ENV, _LEGACY_DATA_ENV):
+        if os.environ.get(env):
+            return [(Path(os.environ[env]).expanduser(), f"${env}")]
+    roots = [(user_cache_root(), "user cache")]
+    checkout = checkout_root()
+    if checkout is not None:
+        roots.append((checkout, "source checkout"))
+    return roots
+
+
+def _has_fmnist(d: Path) -> bool:
+    return all((d / f).is_file() or (d / f"{f}.gz").is_file() for f in _FMNIST_FILES)
+
+
+def install_dir() -> Path:
+    """Where ``scripts/install_assets.sh`` puts Fashion-MNIST: the first searched folder that already holds
+    it, else ``fashion-mnist`` in the first data root (``$FLATLORA_DATA`` when set, else the user cache)."""
+    dirs = [root / FMNIST for root, _ in data_roots()]
+    return next((d for d in dirs if _has_fmnist(d)), dirs[0])
+
 
 def data_dir() -> Path:
-    root = os.environ.get("FLATLORA_DATA_DIR")
-    if root:
-        return Path(root) / "fashion-mnist"
-    return Path(__file__).resolve().parents[4] / ".data" / "fashion-mnist"
+    """The Fashion-MNIST folder the loader reads (see `install_dir`; it may not exist yet)."""
+    return install_dir()
+
+
+def _missing_data_error() -> ValueError:
+    roots = data_roots()
+    searched = "; ".join(f"{root / FMNIST} ({why})" for root, why in roots)
+    target = roots[0][0] / FMNIST
+    if roots[0][1].startswith("$"):
+        other = (f"or point {roots[0][1]} at a folder whose {FMNIST}/ holds them (unset, the user cache and a "
+                 "source checkout's .data are searched)")
+    else:
+        other = f"or set {DATA_ENV} to a folder whose {FMNIST}/ holds them"
+    return ValueError(  # ValueError: the CLI prints it as one line, like the other missing-asset errors
+        f"Fashion-MNIST not found: searched {searched}; none holds all of {', '.join(_FMNIST_FILES)} (each may "
+        f"end in .gz). Install it with `bash scripts/install_assets.sh .venv/bin/python` in a flatlora source "
+        f"checkout (it unpacks the Debian package dataset-fashion-mnist into {target}), or copy those four IDX "
+        f"files there yourself, {other}")
 
 
 def _read_idx(path: Path) -> torch.Tensor:
@@ -58,14 +124,15 @@ def _read_idx(path: Path) -> torch.Tensor:
 @functools.lru_cache(maxsize=2)
 def fashion_mnist(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(images uint8 (N, 28, 28), labels int64 (N,)) of ``train`` (60k) or ``test`` (10k)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split={split!r}: Fashion-MNIST has 'train' and 'test'")
     stem = {"train": "train", "test": "t10k"}[split]
     d = data_dir()
+    if not _has_fmnist(d):
+        raise _missing_data_error()
     out = []
     for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
-        cands = [d / f"{stem}-{kind}", d / f"{stem}-{kind}.gz"]
-        path = next((p for p in cands if p.is_file()), None)
-        if path is None:
-            raise ValueError(f"Fashion-MNIST file {cands[1]} not found; {_INSTALL_HINT}")
+        path = next(p for p in (d / f"{stem}-{kind}", d / f"{stem}-{kind}.gz") if p.is_file())
         out.append(_read_idx(path))
     return out[0], out[1].long()
 
