@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt scripts/install_assets.sh
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: the local CPU wheel, never a multi-GB CUDA build
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e ".[experiments,dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[experiments,dev,train]"
 	bash scripts/install_assets.sh $(PY)
 	touch $@
 

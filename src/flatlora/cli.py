@@ -18,6 +18,7 @@ import sys
 _COMMAND_MODULES = (
     "flatlora.experiments.cli",
     "flatlora.analysis.cli",
+    "flatlora.train.cli",
 )
 
 

