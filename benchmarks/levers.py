@@ -22,6 +22,11 @@ clock otherwise (with several threads the CPU clock would count the parallel str
   weight alone (a lower bound for any cheaper formula).
 * ``micro-batches``: a step of 4 micro-batches of 8 sequences: exact regenerates ``E`` per micro-batch
   (2 draws each), in-place draws twice per step; plus Flat-LoRA at ``t = 0`` (``sigma = 0``: no work).
+* issue 15, ``--hash-draw``: a counter-based draw fused and vectorised by ``torch.compile``
+  (``_bench/hash_draw.py``). Measured only: slower than torch's generator here.
+* issue 15, ``--one-draw-rounds``: inside real steps of BERT 6x384 with LoRA on all linear layers and of
+  EfficientNet-Lite0 with LoRA on its 1x1 convs (``_bench/one_draw.py``): the default two draws per layer
+  and micro-batch against ``NoiseSpec(keep=True)`` (forward's ``W + E`` kept for backward). An opt-in.
 """
 
 from __future__ import annotations
@@ -44,7 +49,8 @@ from flatlora import FlatLora, FlatLoraConfig  # noqa: E402
 import flatlora.noise as noise  # noqa: E402
 from flatlora.noise import add_filter_noise, row_scale  # noqa: E402
 
-from _bench import timing  # noqa: E402
+from _bench import hash_draw as hash_draw_mod  # noqa: E402
+from _bench import one_draw, timing  # noqa: E402
 from _bench.models import PRESETS, build_model, make_batch  # noqa: E402
 
 
@@ -95,7 +101,7 @@ def _parallel_streams(w: torch.Tensor, scale: torch.Tensor, seed: int, *, subtra
     return out
 
 
-def micro(shapes: list[int], repeats: int, clock) -> list[dict]:
+def micro(shapes: list[int], repeats: int, clock, hash_draw: bool = False) -> list[dict]:
     rows = []
     for n in shapes:
         gen = torch.Generator().manual_seed(0)
@@ -118,6 +124,8 @@ def micro(shapes: list[int], repeats: int, clock) -> list[dict]:
             "merged weight + norms, addmm (now)": lambda: row_scale(torch.addmm(w, b, a, alpha=2.0), 0.05),
             "base norms only": lambda: row_scale(w, 0.05),
         }
+        if hash_draw:  # issue 15: a counter-based draw fused and vectorised by inductor (_bench/hash_draw.py)
+            cands["W+E counter hash, compiled"] = lambda: hash_draw_mod.compiled()(w, scale, 12345)
         rows.append({"shape": [n, n], "ms": _interleaved(cands, repeats, clock)})
     return rows
 
@@ -228,6 +236,9 @@ def render(result: dict) -> str:
         out += ["", f"{st['model']}: noise inside Flat-LoRA exact steps ({st['batch']} x {st['seq']} tokens), "
                 f"{st['rounds']} steps each, alternating:", "", "| draw | noise ms per step | step ms |", "|---|---|---|"]
         out += [f"| {n} | {v['noise_ms']:.1f} | {v['step_ms']:.0f} |" for n, v in st["draws"].items()]
+    if result.get("one_draw"):
+        out += ["", "One draw per layer and micro-batch (forward's W + E kept for backward) inside real steps, "
+                "interleaved rounds:", "", *one_draw.render(result["one_draw"])]
     return "\n".join(out) + "\n"
 
 
@@ -239,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--micro-batch-rounds", type=int, default=10, help="rounds of the micro-batch test (0: skip)")
     p.add_argument("--in-step-rounds", type=int, default=10, help="steps per draw of the in-step test (0: skip)")
     p.add_argument("--model", default="minilm", choices=sorted(PRESETS), help="model of the step tests")
+    p.add_argument("--hash-draw", action="store_true", help="also time the compiled counter-based draw")
+    p.add_argument("--one-draw-rounds", type=int, default=0,
+                   help="rounds of the one-draw-per-step comparison inside real steps (0: skip)")
+    p.add_argument("--one-draw-models", nargs="+", default=["bert-all", "effnet"], choices=["bert-all", "effnet"])
     p.add_argument("--out", default="benchmarks/results", help="output folder")
     args = p.parse_args(argv)
     if args.threads is not None:
@@ -250,11 +265,13 @@ def main(argv: list[str] | None = None) -> int:
                        "threads": torch.get_num_threads(), "torch": torch.__version__,
                        "clock": "process CPU time" if one else "wall time",
                        "loadavg_start": "/".join(f"{x:.1f}" for x in os.getloadavg())}}
-    result["micro"] = micro(args.shapes, args.repeats, clock)
+    result["micro"] = micro(args.shapes, args.repeats, clock, args.hash_draw)
     if args.micro_batch_rounds:
         result["micro_batches"] = micro_batches(args.model, args.micro_batch_rounds, 4, 32, 64)
     if args.in_step_rounds:
         result["in_step"] = in_step(args.model, args.in_step_rounds, 32, 64)
+    if args.one_draw_rounds:
+        result["one_draw"] = [one_draw.compare(m, args.one_draw_rounds) for m in args.one_draw_models]
     result["meta"]["loadavg_end"] = "/".join(f"{x:.1f}" for x in os.getloadavg())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

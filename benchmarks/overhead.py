@@ -1,4 +1,5 @@
-"""Flat-LoRA's cost against LoRA and LoRA-SAM: per-step time, peak memory, where the time goes, scaling.
+"""Flat-LoRA's cost against LoRA, LoRA-SAM and the peers (Bi-LoRA, EFlat-LoRA, ALoRA's gated super-network and
+its reallocation rounds): per-step time, peak memory, where the time goes, scaling.
 
     .venv/bin/python benchmarks/overhead.py              # full run (CPU: tens of minutes on 2 cores)
     .venv/bin/python benchmarks/overhead.py --quick      # seconds: tiny models, for smoke tests
@@ -36,7 +37,7 @@ from flatlora import _dataclass_io as dio  # noqa: E402
 from _bench import breakdown, memory, report, timing  # noqa: E402
 from _bench.config import BenchConfig  # noqa: E402
 from _bench.models import PRESETS, ModelSpec, build_model, count_params, make_batch, sweep_spec  # noqa: E402
-from _bench.variants import build_steps  # noqa: E402
+from _bench.variants import build_steps, time_alora_round  # noqa: E402
 
 MEMORY_STEPS = 1  # extra steps per variant measured for memory
 RSS_STEPS = (2, 2)  # RSS worker: warm-up steps, then measured steps
@@ -53,8 +54,12 @@ def _setup(cfg: BenchConfig, spec: ModelSpec, variants: list[str], total_steps: 
     device = torch.device(cfg.device)
     model = build_model(spec, rank=cfg.rank, seed=cfg.seed, device=device, dtype=cfg.torch_dtype())
     batch = make_batch(spec, cfg.batch, cfg.seq, cfg.seed + 1, device)
+
+    def make(rank: int):  # the variants with their own model (bi-lora, alora)
+        return build_model(spec, rank=rank, seed=cfg.seed, device=device, dtype=cfg.torch_dtype())
+
     steps, notes, opt = build_steps(model, batch, variants=variants, total_steps=total_steps, rho=cfg.rho,
-                                    sam_rho=cfg.sam_rho, seed=cfg.seed)
+                                    sam_rho=cfg.sam_rho, seed=cfg.seed, rank=cfg.rank, make_model=make)
     return device, model, steps, notes, opt
 
 
@@ -98,6 +103,11 @@ def run_model(cfg: BenchConfig, name: str, *, quiet: bool) -> dict:
               "variants": _timed(times), "notes": notes}
     if cfg.memory:
         result["memory"] = _memory(cfg, name, steps, counter, model, opt, device, variants)
+    if "alora" in steps:  # after the memory step: a round changes the gates of the alora model
+        batch = make_batch(spec, cfg.batch, cfg.seq, cfg.seed + 1, device)
+        rnd = time_alora_round(steps["alora"], batch, repeats=1 if cfg.quick else 2)
+        rnd["lora_steps"] = 1e3 * rnd["seconds"] / result["variants"]["lora"]["wall"]["median_ms"]
+        result["alora_round"] = rnd
     if cfg.breakdown:
         costs = breakdown.layer_costs(flat, total, cfg.batch * cfg.seq, repeats=cfg.breakdown_repeats,
                                       device=device)
@@ -118,7 +128,8 @@ def _memory(cfg: BenchConfig, name: str, steps, counter, model, opt, device, var
         if device.type == "cuda":
             out[v] = {"tensor_peak_bytes": memory.cuda_peak(step, device)}
         else:
-            held = memory.held_bytes(model, [opt])
+            own_model, own_opt = getattr(steps[v], "held_by", (model, opt))
+            held = memory.held_bytes(own_model, [own_opt])
             peak = memory.cpu_step_peak(step)
             out[v] = {"tensor_peak_bytes": None if peak is None else held + peak, "held_bytes": held}
     if device.type == "cpu" and cfg.rss:

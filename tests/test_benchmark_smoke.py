@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "overhead.py"
-VARIANTS = {"lora", "flat-exact", "flat-inplace", "lora-sam"}
+VARIANTS = {"lora", "flat-exact", "flat-inplace", "lora-sam", "bi-lora", "eflat-lora", "alora"}
 
 
 def _load(script=SCRIPT):
@@ -53,6 +53,11 @@ def test_quick_json_is_well_formed(quick_run):
         assert mem["tensor_peak_bytes"] >= mem["held_bytes"] > 0
         assert "rss_peak_bytes" not in mem  # --quick skips the fresh processes
     assert model["memory"]["lora"]["tensor_ratio"] == 1.0
+    # own models: Bi-LoRA holds an auxiliary adapter and its optimizer state, ALoRA a rank-2r super-network
+    assert model["memory"]["bi-lora"]["held_bytes"] > model["memory"]["lora"]["held_bytes"]
+    assert model["memory"]["alora"]["held_bytes"] > model["memory"]["lora"]["held_bytes"]
+    rnd = model["alora_round"]  # 4 layers x 8 open ranks, 2K + 1 forwards
+    assert rnd["open_ranks"] == 32 and rnd["forwards"] == 65 and rnd["seconds"] > 0 and rnd["lora_steps"] > 0
     per_step = model["breakdown"]["per_step_ms"]
     for mode in ("flat-exact", "flat-inplace"):
         p = per_step[mode]
@@ -68,8 +73,9 @@ def test_quick_markdown_has_every_row(quick_run):
     _, result, md = quick_run
     assert result["meta"]["command"] in md
     rows = [line for line in md.splitlines() if line.startswith("| tiny |")]
-    assert len(rows) == len(VARIANTS) + 2  # main table + breakdown (exact, inplace)
+    assert len(rows) == len(VARIANTS) + 3  # main table + breakdown (exact, inplace) + ALoRA round
     assert all(line.count("|") == 13 for line in rows[: len(VARIANTS)])
+    assert len([line for line in md.splitlines() if line.startswith("| tiny | 32 | 65 |")]) == 1  # ALoRA round
     sweep_rows = [line for line in md.splitlines() if line.startswith("| 32 |") or line.startswith("| 64 |")]
     assert len(sweep_rows) == len(result["sweep"]) == 2
 

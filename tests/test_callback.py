@@ -11,9 +11,10 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 import flatlora
-from conftest import base_state, toy_model
 from flatlora import FlatLoraCallback, FlatLoraConfig, load_flat_lora_config, save_flat_lora_config
 from flatlora.callback import CARD_PREFIX
+from kit.compare import base_state
+from kit.models import toy_model
 
 N = 48  # examples; batch 4 x accumulation 2 -> 6 optimizer steps per epoch
 
@@ -293,7 +294,7 @@ def test_evaluate_after_a_failed_train_runs_at_clean_weights_and_warns(tmp_path,
 def test_guard_catches_forwards_that_skip_the_peft_forward(targets, trigger):
     """``PeftModel.generate`` calls the base model, not the PeftModel's forward. The plain-embedding case has its
     noise in the embedding's own forward, which runs first: its guard must sit on a parent."""
-    from conftest import llama_model
+    from kit.models import llama_model
 
     model = llama_model()
     base = model.get_base_model()
@@ -342,7 +343,7 @@ def test_guard_before_a_dora_layer_whose_noise_comes_from_its_hooks():
 
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_guard_stays_quiet_in_training_with_gradient_checkpointing(tmp_path, reentrant, recwarn):
-    from conftest import llama_model
+    from kit.models import llama_model
 
     model = llama_model()
     hooks_before = _pre_hooks(model)

@@ -9,10 +9,12 @@ import torch._dynamo
 from torch import nn
 from torch._dynamo.utils import counters
 
-from conftest import base_state, batch_for, gpt2_model, loss_of, lora_grads, randomize_lora, toy_model
 from flatlora import FlatLora, FlatLoraConfig
 from flatlora.exact import Op, _perturbed, _perturbed_input_grad, perturbed_op, perturbed_op_compiled
 from flatlora.noise import NoiseSpec, row_scale
+from kit.adapters import randomize_lora
+from kit.compare import base_state, lora_grads
+from kit.models import batch_for, gpt2_model, loss_of, toy_model
 
 T = 4
 

@@ -5,8 +5,10 @@ import math
 import pytest
 import torch
 
-from conftest import (MODELS, ToyMLP, base_state, batch_for, loss_of, lora_grads, reference_at, toy_model)
 from flatlora import FlatLora, FlatLoraConfig
+from kit.compare import base_state, lora_grads
+from kit.models import MODELS, ToyMLP, batch_for, loss_of, toy_model
+from kit.references import with_base_at
 
 T = 10
 
@@ -44,7 +46,7 @@ def test_gradients_equal_an_explicit_forward_at_w_plus_e(model_kind, mode):
     batch = batch_for(model_kind)
     flat = FlatLora(model, FlatLoraConfig(rho=0.5, mode=mode, seed=3), total_steps=T)
     noise = flat.noise(T)
-    ref = reference_at(model, noise)
+    ref = with_base_at(model, noise)
     ref_loss = loss_of(ref, batch)
     ref_loss.backward()
     loss_of(model, batch).backward()
@@ -133,7 +135,7 @@ def test_every_micro_batch_of_a_step_sees_the_same_noise(mode):
     x1, x2 = torch.randn(3, 16), torch.randn(5, 16)
     outputs = {}
     for t in (4, 5):
-        ref = reference_at(model, flat.noise(t))
+        ref = with_base_at(model, flat.noise(t))
         with flat.perturbed(t):
             for i, x in enumerate((x1, x2, x1)):
                 outputs[t, i] = model(x)["logits"].detach()
@@ -194,7 +196,7 @@ def test_bf16_autocast_training_step_matches_the_reference():
     model = toy_model().eval()
     batch = batch_for("mlp")
     flat = FlatLora(model, FlatLoraConfig(rho=0.5), total_steps=T)
-    ref = reference_at(model, flat.noise(T))
+    ref = with_base_at(model, flat.noise(T))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref_loss = loss_of(ref, batch)
     ref_loss.backward()

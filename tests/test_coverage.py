@@ -7,8 +7,9 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from conftest import ToyMLP, base_state, loss_of, toy_model
 from flatlora import FlatLora, FlatLoraConfig
+from kit.compare import base_state
+from kit.models import ToyMLP, loss_of, toy_model
 
 T = 10
 

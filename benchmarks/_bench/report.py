@@ -98,6 +98,19 @@ def render(result: dict) -> str:
                 f"{cfg['sweep_layers']}-layer BERTs, same batch; LoRA vs Flat-LoRA exact, "
                 f"{cfg['sweep_rounds']} rounds each. Noise per layer-step against the same layer's forward "
                 "matmul plus input-gradient matmul at this token count.", "", *sweep_table(result), ""]
+    rounds = [m for m in result["models"] if m.get("alora_round")]
+    if rounds:
+        out += ["## ALoRA's reallocation rounds", "",
+                "One round scores every open rank by ablation on one batch (the step's batch here; the paper uses "
+                "32 validation examples): 2K + 1 forwards for K open ranks, then prunes and reopens ranks. It runs "
+                "a few times per training run (the paper: at most 8), not every step; its cost per training step "
+                "is (rounds x round) / steps.", "",
+                "| model | open ranks K | forwards | round s | = LoRA steps |", "|---|---|---|---|---|"]
+        for m in rounds:
+            r = m["alora_round"]
+            out.append(f"| {m['name']} | {r['open_ranks']} | {r['forwards']} | {r['seconds']:.2f} | "
+                       f"{r['lora_steps']:.1f} |")
+        out.append("")
     for m in result["models"]:
         for name, note in m.get("notes", {}).items():
             out.append(f"- {m['name']} / {name}: {note}")

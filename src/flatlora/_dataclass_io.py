@@ -1,7 +1,8 @@
 """Shared plumbing for the typed config dataclasses: dict/JSON/YAML round trips and argparse flags.
 
 Every field carries its help text in ``field(metadata={"help": ...})``; the same text documents the
-dataclass, drives ``--help`` of the CLI and names the field in error messages.
+dataclass, drives ``--help`` of the CLI and names the field in error messages. A config dataclass inherits
+`DataclassIO` for its ``to_dict``/``from_dict``/``to_json``/``from_json``/``save``/``load``/``replace``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,42 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ._jsonio import write_text_atomic
+
 T = TypeVar("T")
+C = TypeVar("C", bound="DataclassIO")
+
+
+class DataclassIO:
+    """Serialisation of a config dataclass (mixed in; it adds no fields). Every reader validates: the
+    dataclass's ``__post_init__`` runs, and an unknown field or a bad value is a ``ValueError`` naming it."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+        return from_dict(cls, data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls: type[C], text: str) -> C:
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | Path) -> Path:
+        """Write as JSON or YAML, chosen by the file suffix."""
+        return dump_file(self, path)
+
+    @classmethod
+    def load(cls: type[C], path: str | Path) -> C:
+        """Read a ``.json``, ``.yaml`` or ``.yml`` file written by `save` (or by hand)."""
+        return load_file(cls, path)
+
+    def replace(self: C, **changes: Any) -> C:
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
 
 
 def help_field(default: Any, help: str, **kwargs: Any) -> Any:
@@ -136,11 +172,7 @@ def dump_file(obj: Any, path: str | Path) -> Path:
         text = json.dumps(to_dict(obj), indent=2) + "\n"
     else:
         raise ValueError(f"config file {str(path)!r} must end in .json, .yaml or .yml")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, text)
 
 
 def _base_type(tp: Any) -> tuple[Any, bool]:

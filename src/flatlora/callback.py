@@ -39,7 +39,6 @@ Pass ``adalora_update=False`` if something else already calls it.
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -49,6 +48,8 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ._checks import is_int
+from ._jsonio import read_json, write_json, write_text_atomic
 from .config import FlatLoraConfig
 from .core import FlatLora
 
@@ -244,15 +245,15 @@ def save_flat_lora_config(output_dir: str | Path, config: FlatLoraConfig, *, tot
     if not isinstance(config, FlatLoraConfig):
         raise ValueError(f"config must be a FlatLoraConfig, got {type(config).__name__}; "
                          "build one with FlatLoraConfig(...) or FlatLoraConfig.from_dict(...)")
-    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
+    if not is_int(total_steps) or total_steps <= 0:
         raise ValueError(f"total_steps={total_steps!r} must be a positive int: the run's number of optimizer steps")
-    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+    if step is not None and (not is_int(step) or step < 0):
         raise ValueError(f"step={step!r} must be None or a non-negative int: the optimizer steps taken")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     record = {"flatlora_version": __version__, "total_steps": total_steps, "step": step, "config": config.to_dict()}
     path = out / CONFIG_NAME
-    _write_text(path, json.dumps(record, indent=2) + "\n")
+    write_json(path, record)
     if model_card:
         _add_card_line(out / "README.md", config, total_steps)
     return path
@@ -266,7 +267,7 @@ def load_flat_lora_config(path: str | Path) -> FlatLoraConfig:
     if not path.is_file():
         raise ValueError(f"{str(path)!r} does not exist; pass a folder holding {CONFIG_NAME} (an adapter saved "
                          "with FlatLoraCallback or save_flat_lora_config) or the file itself")
-    record = json.loads(path.read_text(encoding="utf-8"))
+    record = read_json(path)
     if not isinstance(record, dict) or "config" not in record:
         raise ValueError(f"{str(path)!r} holds no 'config' entry; it was not written by save_flat_lora_config")
     return FlatLoraConfig.from_dict(record["config"])
@@ -296,10 +297,4 @@ def _add_card_line(card: Path, config: FlatLoraConfig, total_steps: int) -> None
         lines += ["", CARD_HEADING, "", line, ""]  # the blank line keeps a section PEFT appends apart
     else:
         lines[at] = line
-    _write_text(card, "\n".join(lines) + "\n")
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(card, "\n".join(lines) + "\n")

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 from . import _dataclass_io as dio
+from ._checks import check_bool, check_one_of, is_int, is_real
 from .schedule import SCHEDULES
 
 MODES = ("auto", "exact", "inplace")
 
 
 @dataclass
-class FlatLoraConfig:
+class FlatLoraConfig(dio.DataclassIO):
     """Configuration of Flat-LoRA's random weight perturbation.
 
     The noise of layer ``l`` at optimizer step ``t`` is ``E[i, :] ~ N(0, sigma_t^2 ||W[i, :]||^2 / n I)``
@@ -41,16 +38,14 @@ class FlatLoraConfig:
         False, "draw the same noise on every data-parallel rank (default: an independent sample per rank)")
 
     def __post_init__(self) -> None:
-        if isinstance(self.rho, bool) or not isinstance(self.rho, (int, float)):
+        if not is_real(self.rho):
             raise ValueError(f"rho={self.rho!r} must be a number >= 0, e.g. 0.05")
         if not math.isfinite(self.rho) or self.rho < 0:
             raise ValueError(f"rho={self.rho!r} must be finite and >= 0 (paper: 0.05 for text, 0.15 for vision)")
         self.rho = float(self.rho)
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        if self.mode not in MODES:
-            raise ValueError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+        check_one_of("schedule", self.schedule, SCHEDULES)
+        check_one_of("mode", self.mode, MODES)
+        if not is_int(self.seed) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed={self.seed!r} must be an integer in [0, 2**63): it is mixed into a 63-bit noise seed")
         if self.exclude_modules is None:  # "nothing excluded", as the default []
             self.exclude_modules = []
@@ -73,31 +68,4 @@ class FlatLoraConfig:
             setattr(self, name, pats)
         if self.target_modules is not None and not self.target_modules:
             raise ValueError("target_modules=[] selects nothing; use None for every LoRA layer")
-        if not isinstance(self.same_noise_across_ranks, bool):
-            raise ValueError(f"same_noise_across_ranks={self.same_noise_across_ranks!r} must be true or false")
-
-    # --- serialisation -------------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return dio.to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "FlatLoraConfig":
-        return dio.from_dict(cls, data)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "FlatLoraConfig":
-        return cls.from_dict(json.loads(text))
-
-    def save(self, path: str | Path) -> Path:
-        """Write as JSON or YAML, chosen by the file suffix."""
-        return dio.dump_file(self, path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "FlatLoraConfig":
-        return dio.load_file(cls, path)
-
-    def replace(self, **changes: Any) -> "FlatLoraConfig":
-        return dataclasses.replace(self, **changes)
+        check_bool("same_noise_across_ranks", self.same_noise_across_ranks)

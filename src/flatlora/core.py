@@ -27,11 +27,12 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
+from ._checks import check_int
 from .config import FlatLoraConfig
 from .exact import ExactLayer
 from .noise import NoiseSpec, layer_seed, row_scale
@@ -116,12 +117,6 @@ def _plain_forward(base: nn.Module) -> bool:
                                   nn.Embedding.forward)
 
 
-def _check_int(name: str, v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ValueError(f"{name}={v!r} must be an int")
-    return v
-
-
 @dataclass
 class _Applied:
     """What one ``perturb(t)`` changed, so ``restore()`` can undo exactly that."""
@@ -147,7 +142,7 @@ class FlatLora:
             config = FlatLoraConfig()
         if not isinstance(config, FlatLoraConfig):
             raise ValueError(f"config must be a FlatLoraConfig, got {type(config).__name__}")
-        if _check_int("total_steps", total_steps) <= 0:
+        if check_int("total_steps", total_steps) <= 0:
             raise ValueError(f"total_steps={total_steps!r} must be > 0: the number of optimizer steps of the run")
         self.model = model
         self.config = config
@@ -180,7 +175,7 @@ class FlatLora:
 
     def sigma(self, t: int) -> float:
         """``sigma_t`` of the configured schedule at optimizer step ``t`` (``0 <= t <= total_steps``)."""
-        return sigma_at(_check_int("t", t), self.total_steps, self.config.rho, self.config.schedule)
+        return sigma_at(check_int("t", t), self.total_steps, self.config.rho, self.config.schedule)
 
     def noise_specs(self, t: int) -> list[tuple[Target, NoiseSpec]]:
         """Seed and row std of every layer's noise at step ``t``, from the current merged weights.

@@ -3,8 +3,9 @@
 ``PerturbedOp`` is a custom autograd function ``x -> op(x, W + E, b)`` (or ``x -> op(x, E)`` when the noise
 is added beside an unchanged layer). Forward draws ``E`` from its `NoiseSpec`; backward draws it again from
 the same seed. Between the two only the seed and the fp32 row std are kept: no ``E`` and no copy of ``W``,
-so the base weights stay bit-identical whatever their dtype, and the memory cost is one transient
-``m x n`` buffer while a single layer runs.
+so the base weights stay bit-identical whatever their dtype, and the memory cost is the transient ``W + E``
+while a single layer runs (on CUDA with Triton written in one pass, `flatlora._triton_noise`; on CPU block
+by block, `flatlora.noise`). A spec with ``keep=True`` (opt-in) keeps forward's ``W + E`` for backward instead.
 
 ``op`` is the layer's own functional form (``Op``): linear (GPT-2 ``Conv1D`` is linear on the transposed
 weight), ``convNd`` and embedding. The input gradient has a closed form for the first two (the frozen-base
@@ -112,8 +113,9 @@ class PerturbedOp(torch.autograd.Function):
         ctx.has_weight = weight is not None
         w_grad = weight is not None and weight.requires_grad
         ctx.fast = op.has_closed_form_input_grad() and not w_grad
-        # the fast path needs no activation; the generic one recomputes op(x, ...) and needs x
-        ctx.save_for_backward(weight, bias, None if ctx.fast else x)
+        # the fast path needs no activation; the generic one recomputes op(x, ...) and needs x. With spec.keep,
+        # W + E itself is kept for backward (one draw instead of two, one weight-sized tensor held meanwhile)
+        ctx.save_for_backward(weight, bias, None if ctx.fast else x, w if spec.keep else None)
         out = op(x, w, bias)
         # F.linear with a bias returns a view for inputs of 3+ dims, and autograd forbids in-place updates of a
         # custom Function's view outputs, which PEFT layers do (AdaLoRA: ``result += ...``): hand out a copy
@@ -122,10 +124,10 @@ class PerturbedOp(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor):
-        weight, bias, x = ctx.saved_tensors
+        weight, bias, x, kept = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         ref = x if x is not None else g
-        w = _effective_weight(weight, ctx.spec, ref if weight is None else weight)
+        w = kept if kept is not None else _effective_weight(weight, ctx.spec, ref if weight is None else weight)
         if ctx.fast:
             gx = ctx.op.input_grad(g, ctx.x_shape, w).to(ctx.x_dtype) if need_x else None
             gb = ctx.op.bias_grad(g).to(bias.dtype) if need_b else None

@@ -16,19 +16,111 @@ full ``m x n`` buffer and without a full ``E`` beside ``W + E``. torch's CPU gen
 runs on one core; drawing independent row ranges on other threads was sometimes faster alone but never
 inside a training step, where torch's OpenMP workers use the other cores (docs/cost.md), and was dropped.
 benchmarks/levers.py measures what each of these is worth.
+
+On CUDA, when Triton is importable, one kernel draws ``E`` and writes ``W + E`` (or ``W - E``, or ``E`` alone)
+in one pass from a counter-based generator (Philox keyed by the 63-bit seed, counter = the element's
+(row, column)): `flatlora._triton_noise` holds the exact definition. Elsewhere, or with
+``FLATLORA_NOISE_BACKEND=torch`` / `set_backend` ``("torch")``, torch's generators draw it (the fallback). The
+two backends draw different samples of the same distribution, each deterministic for a seed: CPU runs and
+CUDA runs with or without Triton are not sample-for-sample comparable. `backend_for` says which one a device
+uses; change it only between optimizer steps (forward and backward of a step must draw alike).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+import os
 import struct
 import threading
+import warnings
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
 _LOCAL = threading.local()  # this library's generators, per thread: concurrent draws never share one
+_BACKENDS = ("auto", "torch", "triton")
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _env_backend() -> str:
+    name = os.environ.get("FLATLORA_NOISE_BACKEND", "auto")
+    if name not in _BACKENDS:
+        raise ValueError(f"FLATLORA_NOISE_BACKEND={name!r}; choose one of {', '.join(_BACKENDS)}")
+    return name
+
+
+_state = {"backend": _env_backend(), "probed": {}}
+
+
+def set_backend(name: str) -> str:
+    """Choose how noise is drawn; returns the previous choice. ``"auto"`` (default, or the environment variable
+    ``FLATLORA_NOISE_BACKEND``): the Triton kernel on CUDA when triton imports and runs, torch's generators
+    elsewhere; ``"torch"``: torch everywhere; ``"triton"``: the kernel everywhere (CPU tensors only under
+    ``TRITON_INTERPRET=1``, for tests). Change it between optimizer steps only."""
+    if name not in _BACKENDS:
+        raise ValueError(f"noise backend {name!r}; choose one of {', '.join(_BACKENDS)}")
+    previous, _state["backend"] = _state["backend"], name
+    return previous
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """`set_backend` for a block (benchmarks, tests)."""
+    previous = set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def _triton_module():
+    """`flatlora._triton_noise`, or None when triton does not import (imported on first use only)."""
+    if "module" not in _state:
+        try:
+            from . import _triton_noise
+        except Exception:  # ImportError, or a triton without randn4x/interleave (< 3.0)
+            _triton_noise = None
+        _state["module"] = _triton_noise
+    return _state["module"]
+
+
+def _kernel_runs(mod, device: torch.device) -> bool:
+    """Whether the kernel compiles and runs on ``device`` (tried once per device, on a 1x4 draw): in ``"auto"``
+    a failure warns and leaves the device on torch's generators for the whole process, so forward and
+    backward never draw with different backends."""
+    key = str(device)
+    if key not in _state["probed"]:
+        try:
+            mod.probe(device)
+            _state["probed"][key] = True
+        except Exception as exc:  # no driver, no compiler: stay on torch
+            warnings.warn(f"flatlora: the Triton noise kernel failed on {device} ({exc!r}); drawing with torch")
+            _state["probed"][key] = False
+    return _state["probed"][key]
+
+
+def _kernel(device: torch.device, dtype: torch.dtype | None):
+    """The Triton module if it draws for (``device``, ``dtype``), else None (see `set_backend`)."""
+    name = _state["backend"]
+    if name == "torch" or (name == "auto" and device.type != "cuda") or dtype not in _KERNEL_DTYPES:
+        return None
+    mod = _triton_module()
+    if name == "triton":
+        if mod is None:
+            raise RuntimeError("noise backend 'triton' but triton does not import (pip install triton>=3.0)")
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("the Triton noise kernel on CPU tensors runs only under Triton's interpreter: "
+                               "set TRITON_INTERPRET=1 before triton is imported")
+        return mod
+    return mod if mod is not None and _kernel_runs(mod, device) else None
+
+
+def backend_for(device: torch.device | str, dtype: torch.dtype = torch.float32) -> str:
+    """``"triton"`` or ``"torch"``: which draws ``E`` for a weight of ``dtype`` on ``device`` now."""
+    return "triton" if _kernel(torch.device(device), dtype) is not None else "torch"
 
 
 def layer_seed(seed: int, step: int, rank: int, layer: int) -> int:
@@ -104,11 +196,17 @@ def _cpu_draw(shape: tuple[int, ...], scale: torch.Tensor, seed: int, weight: to
     one_piece = torch.get_num_threads() == 1 and out.numel() <= _ONE_PIECE
     blocks = [m] if one_piece else _block_rows(shape)
     s = _rows_view(scale, len(shape))
+    op = torch.sub if subtract else torch.add
+    if len(blocks) == 1:  # one piece (small layers): the same numbers without the block loop's overhead
+        z = out if weight is None else torch.empty(shape, dtype=torch.float32)
+        z.normal_(generator=gen).mul_(s)
+        if weight is not None:
+            op(weight, z if weight.dtype == torch.float32 else z.to(weight.dtype), out=out)
+        return
     if weight is None:  # materialise E: draw straight into the output
         for z, sb in zip(out.split(blocks), s.split(blocks)):
             z.normal_(generator=gen).mul_(sb)
         return
-    op = torch.sub if subtract else torch.add
     buf = torch.empty((max(blocks), *shape[1:]), dtype=torch.float32)
     for ob, wb, sb in zip(out.split(blocks), weight.split(blocks), s.split(blocks)):
         z = buf if ob.shape[0] == buf.shape[0] else buf[: ob.shape[0]]
@@ -121,9 +219,12 @@ def filter_noise(shape: torch.Size | tuple[int, ...], scale: torch.Tensor, seed:
     """Draw ``E`` of ``shape`` (logical layout, rows first) with row std ``scale`` (fp32, ``(m,)``).
 
     Drawn in fp32 on ``scale.device`` from a generator seeded with ``seed`` (on CPU in blocks, see the module
-    docstring), then cast to ``dtype``.
+    docstring), then cast to ``dtype``; on CUDA with Triton by the one-pass kernel, straight into ``dtype``.
     """
     shape = tuple(shape)
+    mod = _kernel(scale.device, dtype or torch.float32) if shape else None
+    if mod is not None:
+        return mod.noise(shape, scale, seed, dtype or torch.float32)
     z = torch.empty(shape, device=scale.device, dtype=torch.float32)
     if z.device.type == "cpu":
         _cpu_draw(shape, scale, seed, None, z, False)
@@ -136,12 +237,16 @@ def add_filter_noise(weight: torch.Tensor, scale: torch.Tensor, seed: int, *, su
                      inplace: bool = False) -> torch.Tensor:
     """``weight + E`` (or ``weight - E``) with ``E = filter_noise(weight.shape, scale, seed, weight.dtype)``.
 
-    Bit-identical to adding the materialised ``E`` in the weight's dtype, but on CPU computed block by block
-    (see the module docstring), so neither a full ``E`` nor a full fp32 buffer is allocated. ``weight`` in
+    Bit-identical to adding the materialised ``E`` in the weight's dtype (on either backend), but on CPU
+    computed block by block (see the module docstring) and on CUDA with Triton in one pass, so neither a full
+    ``E`` nor a full fp32 buffer is allocated. ``weight`` in
     logical layout ``(m, ...)``, any strides; ``inplace=True`` writes into ``weight`` and returns it,
     otherwise the result is a new tensor.
     """
     shape = tuple(weight.shape)
+    mod = _kernel(weight.device, weight.dtype) if shape else None
+    if mod is not None:  # one pass: read W, write W +/- E (flatlora._triton_noise)
+        return mod.add_noise(weight, scale, seed, subtract=subtract, inplace=inplace)
     if weight.device.type == "cpu":
         out = weight if inplace else torch.empty(shape, dtype=weight.dtype)
         _cpu_draw(shape, scale, seed, weight, out, subtract)
@@ -156,12 +261,17 @@ def add_filter_noise(weight: torch.Tensor, scale: torch.Tensor, seed: int, *, su
 class NoiseSpec:
     """Everything needed to regenerate one layer's noise: a seed and the fp32 row std (``(m,)``).
 
-    This is all the exact mode keeps between forward and backward: no ``E`` and no copy of ``W``.
+    This is all the exact mode keeps between forward and backward: no ``E`` and no copy of ``W``. Unless
+    ``keep=True``: then the eager exact op (`flatlora.exact.PerturbedOp`) keeps forward's ``W + E`` for its
+    backward instead of drawing it again, one draw per layer and micro-batch instead of two, for one
+    ``W + E`` per layer held from its forward to its backward (an opt-in for CPUs, where the draw is the
+    cost: docs/cost.md; the compiled custom op redraws either way).
     """
 
     seed: int
     scale: torch.Tensor
     shape: tuple[int, ...]
+    keep: bool = False
 
     def sample(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return filter_noise(self.shape, self.scale, self.seed, dtype)

@@ -12,11 +12,11 @@ import pytest
 
 import flatlora.experiments
 from _threads import single_thread  # noqa: F401  (autouse: one thread per test module)
-from conftest import batch_for, loss_of, toy_model
 from flatlora.analysis import loss_landscape_1d, sharpness_report
 from flatlora.analysis.config import LandscapeConfig, SharpnessConfig
 from flatlora.cli import main
 from flatlora.experiments import LoadedRun
+from kit.models import batch_for, loss_of, toy_model
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from _threads import single_thread  # noqa: F401  (autouse: one thread per test module)
-from conftest import ToyMLP, batch_for, bert_model, loss_of, toy_model
 from flatlora.analysis import (expected_sharpness, hessian_vector_product, loss_landscape_1d, loss_landscape_2d,
                                sam_sharpness, sharpness_report, top_hessian_eigenvalue)
+from kit.models import ToyMLP, batch_for, bert_model, loss_of, toy_model
 
 CALLS = {
     "expected": lambda m, f, b: expected_sharpness(m, f, b, rho=0.1, n_samples=3, progress=False),

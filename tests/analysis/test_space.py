@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from _threads import single_thread  # noqa: F401  (autouse: one thread per test module)
-from conftest import MODELS, batch_for, loss_of
 from flatlora import FlatLora, FlatLoraConfig
 from flatlora.analysis import flat_lora_noise, hessian_vector_product
 from flatlora.analysis._space import Objective, Space
+from kit.models import MODELS, batch_for, loss_of
 
 
 class ConvNet(nn.Module):

@@ -16,8 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _dist_common import bert, init, lora_layers, merged_by_hand, micro_batch, save_rank
+from _dist_common import init, micro_batch, save_rank
 from flatlora import FlatLora, FlatLoraConfig
+from kit.adapters import lora_layers
+from kit.models import dist_bert
+from kit.references import merged_by_hand
 
 RHO, SEED, STEPS, GLOBAL_MICRO = 0.5, 3, 3, 4
 SCENARIOS = {
@@ -54,7 +57,7 @@ def probe_noise(model: nn.Module, clean: dict[str, torch.Tensor]) -> dict[str, t
 
 
 def run(scenario: str, rank: int, world: int) -> dict:
-    model = bert(seed=0)
+    model = dist_bert(seed=0)
     start = base_state(model)
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     flat = FlatLora(model, FlatLoraConfig(rho=RHO, seed=SEED, **SCENARIOS[scenario]), total_steps=STEPS)

@@ -13,8 +13,9 @@ import sys
 import torch
 from torch.distributed.fsdp import fully_shard
 
-from _dist_common import init, llama, micro_batch, save_rank
+from _dist_common import init, micro_batch, save_rank
 from flatlora import FlatLora, FlatLoraConfig
+from kit.models import dist_llama
 
 RHO, SEED, T, MICRO = 0.5, 7, 2, 2  # step t = T: sigma = rho
 
@@ -25,7 +26,7 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 def dora_step(rank: int, world: int) -> dict[str, torch.Tensor]:
     """DoRA layers take the forward-hook path (noise added beside the layer); same noise on both ranks."""
-    model = llama(seed=0, dora=True)
+    model = dist_llama(seed=0, dora=True)
     for layer in model.base_model.model.model.layers:
         fully_shard(layer)
     fully_shard(model)
@@ -43,7 +44,7 @@ def main(out: str) -> None:
 
 
 def collect(rank: int, world: int) -> dict:
-    model = llama(seed=0)
+    model = dist_llama(seed=0)
     for layer in model.base_model.model.model.layers:
         fully_shard(layer)
     fully_shard(model)

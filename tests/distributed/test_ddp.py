@@ -11,8 +11,10 @@ import pytest
 import torch
 
 import ddp_worker as W
-from _dist_common import bert, fitted_row_std, row_std_by_hand, suite_section
+from _dist_common import suite_section
 from flatlora import filter_noise, layer_seed
+from kit.models import dist_bert
+from kit.references import fitted_row_std, row_std
 
 pytestmark = pytest.mark.distributed
 
@@ -36,14 +38,14 @@ def assert_sigma_T_is_rho(result: dict) -> None:
         z = filter_noise(e.shape, torch.ones(e.shape[0]), layer_seed(W.SEED, W.STEPS, result["noise_rank"], index))
         s, resid = fitted_row_std(e, z)
         assert resid < 1e-5, (name, resid)  # E is this step's (and rank's) draw, scaled row-wise
-        ratio = s / row_std_by_hand(result["merged_last"][name], 1.0)
+        ratio = s / row_std(result["merged_last"][name], 1.0, torch.float64)
         torch.testing.assert_close(ratio, torch.full_like(ratio, W.RHO), rtol=1e-5, atol=0, msg=name)
 
 
 @pytest.mark.parametrize("scenario", sorted(W.SCENARIOS))
 def test_adapters_equal_across_ranks_and_base_weights_stay_clean(ranks, scenario):
     r0, r1 = ranks[0][scenario], ranks[1][scenario]
-    init = bert(seed=0)
+    init = dist_bert(seed=0)
     trained = {n for n, p in init.named_parameters() if p.requires_grad}
     assert set(r0["adapters"]) == trained and any("lora_A" in n for n in trained)
     for name in trained:

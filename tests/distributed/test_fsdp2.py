@@ -12,9 +12,11 @@ import pytest
 import torch
 
 import fsdp2_worker as W
-from _dist_common import (llama, lora_layers, merged_by_hand, micro_batch, row_std_by_hand,
-                          sigma_cosine, suite_section, with_noise)
+from _dist_common import micro_batch, suite_section
 from flatlora import FlatLora, FlatLoraConfig, filter_noise, layer_seed
+from kit.adapters import lora_layers
+from kit.models import dist_llama
+from kit.references import cosine_sigma, merged_by_hand, row_std, with_base_at
 
 pytestmark = pytest.mark.distributed
 WORLD = 2
@@ -26,17 +28,17 @@ def ranks(tmp_path_factory) -> list[dict]:
 
 
 def reference_grads(same_noise: bool) -> dict[str, torch.Tensor]:
-    model = llama(seed=0)
+    model = dist_llama(seed=0)
     layers = lora_layers(model)
-    sigma = sigma_cosine(W.T, W.T, W.RHO)
+    sigma = cosine_sigma(W.T, W.T, W.RHO)
     grads: dict[str, torch.Tensor] = {}
     for rank in range(WORLD):
         noise = {}
         for index, (name, layer) in enumerate(layers.items()):
             w = merged_by_hand(layer)
             seed = layer_seed(W.SEED, W.T, 0 if same_noise else rank, index)
-            noise[name] = filter_noise(w.shape, row_std_by_hand(w, sigma).float(), seed)
-        ref = with_noise(model, noise)
+            noise[name] = filter_noise(w.shape, row_std(w, sigma), seed)
+        ref = with_base_at(model, noise)
         for k in range(W.MICRO):
             (ref(**micro_batch(W.T, WORLD * k + rank, lm=True)).loss / (W.MICRO * WORLD)).backward()
         for name, p in ref.named_parameters():
@@ -53,7 +55,7 @@ def test_parameters_are_sharded_and_inplace_mode_is_refused(ranks):
 
 
 def test_base_weights_untouched(ranks):
-    frozen = {n: p for n, p in llama(seed=0).named_parameters() if not p.requires_grad}
+    frozen = {n: p for n, p in dist_llama(seed=0).named_parameters() if not p.requires_grad}
     for r in ranks:
         assert r["shards_unchanged"]
         assert set(r["frozen_full"]) == set(frozen)
@@ -62,8 +64,8 @@ def test_base_weights_untouched(ranks):
 
 
 def test_noise_specs_outside_forward_use_the_whole_merged_weight(ranks):
-    layers = lora_layers(llama(seed=0))
-    sigma = sigma_cosine(W.T, W.T, W.RHO)
+    layers = lora_layers(dist_llama(seed=0))
+    sigma = cosine_sigma(W.T, W.T, W.RHO)
     for rank, r in enumerate(ranks):
         for scenario in ("default", "same"):
             specs = r[scenario]["specs"]
@@ -73,7 +75,8 @@ def test_noise_specs_outside_forward_use_the_whole_merged_weight(ranks):
                 w = merged_by_hand(layer)
                 assert shape == tuple(w.shape)
                 assert seed == layer_seed(W.SEED, W.T, 0 if scenario == "same" else rank, index)
-                torch.testing.assert_close(scale.double(), row_std_by_hand(w, sigma), rtol=1e-5, atol=0, msg=name)
+                torch.testing.assert_close(scale.double(), row_std(w, sigma, torch.float64), rtol=1e-5, atol=0,
+                                           msg=name)
 
 
 @pytest.mark.parametrize("scenario", ["default", "same"])
@@ -92,7 +95,7 @@ def test_lora_gradients_match_one_process_with_the_same_noise(ranks, scenario):
 
 def test_dora_layers_under_fsdp2_match_one_process(ranks):
     """DoRA takes the hook path (op(x, E) added to the layer output); the reference is one process, same noise."""
-    model = llama(seed=0, dora=True)
+    model = dist_llama(seed=0, dora=True)
     flat = FlatLora(model, FlatLoraConfig(rho=W.RHO, seed=W.SEED), total_steps=W.T)
     with flat.perturbed(W.T):
         for j in range(W.MICRO * WORLD):

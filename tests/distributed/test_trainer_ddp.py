@@ -13,8 +13,10 @@ import pytest
 import torch
 
 import trainer_worker as W
-from _dist_common import bert, fitted_row_std, row_std_by_hand, suite_section
+from _dist_common import suite_section
 from flatlora import filter_noise, layer_seed
+from kit.models import dist_bert
+from kit.references import fitted_row_std, row_std
 
 pytestmark = pytest.mark.distributed
 
@@ -43,7 +45,7 @@ def test_callback_sees_the_unwrapped_model_and_perturbs_every_optimizer_step(ran
 @pytest.mark.parametrize("scenario", ["default", "same"])
 def test_adapters_equal_across_ranks_and_base_weights_bit_identical(ranks, scenario):
     r0, r1 = ranks[0][scenario], ranks[1][scenario]
-    init = bert(seed=0)
+    init = dist_bert(seed=0)
     for name, a in r0["adapters"].items():
         assert torch.equal(a, r1["adapters"][name]), name
         assert not torch.equal(a, init.get_parameter(name)), name
@@ -75,7 +77,7 @@ def test_sigma_at_the_last_optimizer_step_is_rho(ranks, single, world):
             seed = layer_seed(W.SEED, r["max_steps"], r["noise_rank"], index)
             s, resid = fitted_row_std(e, filter_noise(e.shape, torch.ones(e.shape[0]), seed))
             assert resid < 1e-5, (name, resid)
-            ratio = s / row_std_by_hand(r["merged_last"][name], 1.0)
+            ratio = s / row_std(r["merged_last"][name], 1.0, torch.float64)
             torch.testing.assert_close(ratio, torch.full_like(ratio, W.RHO), rtol=1e-5, atol=0, msg=name)
 
 

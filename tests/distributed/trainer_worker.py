@@ -14,9 +14,12 @@ import tempfile
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from _dist_common import bert, example, lora_layers, merged_by_hand, save_rank
+from _dist_common import example, save_rank
 from ddp_worker import adapters, base_state, probe_noise
 from flatlora import FlatLoraCallback, FlatLoraConfig
+from kit.adapters import lora_layers
+from kit.models import dist_bert
+from kit.references import merged_by_hand
 
 N, BATCH, EPOCHS, RHO, SEED = 16, 2, 2, 0.5, 5
 
@@ -50,7 +53,7 @@ class Recorder(TrainerCallback):
 
 
 def run(world: int, accum: int, same_noise: bool) -> dict:
-    model = bert(seed=0)
+    model = dist_bert(seed=0)
     flat_cb = FlatLoraCallback(FlatLoraConfig(rho=RHO, seed=SEED, same_noise_across_ranks=same_noise))
     rec = Recorder(flat_cb)
     with tempfile.TemporaryDirectory() as out:

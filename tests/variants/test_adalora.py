@@ -9,10 +9,11 @@ import torch
 from peft import AdaLoraConfig, get_peft_model
 from transformers import Trainer, TrainingArguments
 
-from _variant_checks import check_variant, lm_batch, mlp_batch
-from _variant_refs import PREFIX, randomize_adapters
-from conftest import ToyMLP, loss_of
 from flatlora import FlatLora, FlatLoraCallback, FlatLoraConfig
+from kit.adapters import randomize_adapters
+from kit.checks import check_variant
+from kit.models import ToyMLP, lm_batch, loss_of, mlp_batch
+from kit.references import PREFIX
 
 T = 8
 INIT_R, TARGET_R = 4, 2
@@ -174,7 +175,7 @@ def test_the_callback_option_round_trips_and_is_validated():
 
 
 def test_a_plain_lora_model_gets_no_adalora_call(tmp_path):
-    from _variant_checks import toy
+    from kit.models import toy
 
     model = toy()
     cb = FlatLoraCallback(rho=0.3)

@@ -17,11 +17,13 @@ from bitsandbytes.functional import _convert_weight_packed_for_cpu, dequantize_4
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from _variant_checks import check_variant, lm_batch
-from _variant_refs import (assert_grads_close, assert_same_state, cosine_sigma, randomize_adapters, row_std,
-                           state_without_adapters, step_grads)
 from flatlora import FlatLora, FlatLoraConfig
 from flatlora._quantized import dequantize_packed_4bit
+from kit.adapters import randomize_adapters
+from kit.checks import check_variant
+from kit.compare import assert_grads_close, assert_same_state, state_without_adapters, step_grads
+from kit.models import lm_batch
+from kit.references import cosine_sigma, row_std
 
 T = 10
 TARGETS = ["q_proj", "v_proj", "down_proj"]

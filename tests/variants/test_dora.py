@@ -8,11 +8,11 @@ import torch
 from peft import LoraConfig
 from torch import nn
 
-from _variant_checks import (check_variant, conv_batch, conv_model, embed_model, gpt2, lm_batch, mlp_batch, swapped,
-                             toy)
-from _variant_refs import PREFIX, logical, state_without_adapters, assert_same_state, with_base_at
-from conftest import loss_of
 from flatlora import FlatLora, FlatLoraConfig
+from kit.checks import check_variant, swapped
+from kit.compare import assert_same_state, state_without_adapters
+from kit.models import conv_batch, conv_model, embed_model, gpt2, lm_batch, loss_of, mlp_batch, toy
+from kit.references import PREFIX, logical, with_base_at
 
 T = 10
 BUILDERS = {"linear": (toy, mlp_batch), "conv2d": (conv_model, conv_batch), "gpt2_conv1d": (gpt2, lm_batch)}

@@ -6,10 +6,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from _variant_checks import check_variant, mlp_batch
-from _variant_refs import PREFIX, cosine_sigma, merged_by_peft, row_std
-from conftest import ToyMLP, loss_of
 from flatlora import FlatLora, FlatLoraConfig
+from kit.checks import check_variant
+from kit.models import ToyMLP, loss_of, mlp_batch
+from kit.references import PREFIX, cosine_sigma, merged_by_peft, row_std
 
 T = 10
 LAYERS = ("fc1", "fc2")

@@ -8,12 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from _variant_checks import (check_variant, conv_batch, conv_model, embed_batch, embed_model, gpt2, lm_batch,
-                             mlp_batch, toy)
-from _variant_refs import (PREFIX, assert_grads_close, assert_same_state, assert_scales_match, cosine_sigma,
-                           merged_by_peft, state_without_adapters, step_grads, with_base_at, with_output_plus)
-from conftest import loss_of
 from flatlora import FlatLora, FlatLoraConfig
+from kit.checks import assert_scales_match, check_variant
+from kit.compare import assert_grads_close, assert_same_state, state_without_adapters, step_grads
+from kit.models import conv_batch, conv_model, embed_batch, embed_model, gpt2, lm_batch, loss_of, mlp_batch, toy
+from kit.references import PREFIX, cosine_sigma, merged_by_peft, with_base_at, with_output_plus
 
 T = 10
 

@@ -8,11 +8,12 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from _variant_checks import check_variant, mlp_batch, toy
-from _variant_refs import (PREFIX, cosine_sigma, merged_by_peft, randomize_adapters, row_std, step_grads,
-                           with_base_at)
-from conftest import loss_of
 from flatlora import FlatLora, FlatLoraConfig
+from kit.adapters import randomize_adapters
+from kit.checks import check_variant
+from kit.compare import step_grads
+from kit.models import loss_of, mlp_batch, toy
+from kit.references import PREFIX, cosine_sigma, merged_by_peft, row_std, with_base_at
 
 T = 10
 

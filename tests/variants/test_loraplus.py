@@ -9,10 +9,10 @@ import torch
 from peft.optimizers import create_loraplus_optimizer
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from _variant_checks import mlp_batch, toy
-from _variant_refs import step_grads, trainable_grads, with_base_at
-from conftest import loss_of
 from flatlora import FlatLora, FlatLoraCallback, FlatLoraConfig
+from kit.compare import step_grads, trainable_grads
+from kit.models import loss_of, mlp_batch, toy
+from kit.references import with_base_at
 
 T, LR, RATIO = 10, 0.05, 16.0
 

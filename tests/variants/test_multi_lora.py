@@ -10,8 +10,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
-from _variant_checks import lm_batch
 from flatlora import FlatLora, FlatLoraConfig
+from kit.models import lm_batch
 
 STEPS = 4
 CONFIGS = {

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .._checks import check_batches, check_choice, check_count, check_positive  # noqa: F401  (re-exported)
 from ..noise import NoiseSpec
 from ..targets import Target, find_targets
 
@@ -39,33 +40,8 @@ Vector = list[torch.Tensor]
 SPACES = ("full", "lora")
 
 
-# --- argument checks ---------------------------------------------------------------------------------
-def check_positive(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name}={value!r} must be a finite number > 0 (e.g. {name}=0.05)")
-    return float(value)
-
-
-def check_count(name: str, value: int, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
-    return value
-
-
-def check_batches(batches: Sequence) -> list:
-    if isinstance(batches, (str, bytes)) or not hasattr(batches, "__len__"):
-        raise ValueError(f"batches must be a list of batches (a bounded set), got {type(batches).__name__}; "
-                         "pass e.g. list(itertools.islice(loader, 8))")
-    batches = list(batches)
-    if not batches:
-        raise ValueError("batches is empty; pass at least one batch on which to evaluate the loss")
-    return batches
-
-
 def check_space(space: str) -> str:
-    if space not in SPACES:
-        raise ValueError(f"space={space!r} is unknown; choose 'full' (merged weights) or 'lora' (adapter parameters)")
-    return space
+    return check_choice("space", space, {"full": "merged weights", "lora": "adapter parameters"})
 
 
 # --- vector helpers (lists of tensors) -----------------------------------------------------------------

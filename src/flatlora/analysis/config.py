@@ -6,36 +6,15 @@ settings are written into the JSON results, so a result file says how it was mea
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 from .. import _dataclass_io as dio
-from ._space import SPACES, check_count, check_positive
-
-
-class _IO:
-    def to_dict(self) -> dict[str, Any]:
-        return dio.to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]):
-        return dio.from_dict(cls, data)
-
-    def save(self, path: str | Path) -> Path:
-        return dio.dump_file(self, path)
-
-    @classmethod
-    def load(cls, path: str | Path):
-        return dio.load_file(cls, path)
-
-    def replace(self, **changes: Any):
-        return dataclasses.replace(self, **changes)
+from .._checks import check_bool, check_count, check_positive
+from ._space import SPACES
 
 
 @dataclass
-class SharpnessConfig(_IO):
+class SharpnessConfig(dio.DataclassIO):
     """What ``flatlora sharpness`` measures on each run."""
 
     rho: float = dio.help_field(0.2, "noise strength sigma of the expected sharpness (Flat-LoRA's rho; it trains "
@@ -64,7 +43,7 @@ class SharpnessConfig(_IO):
 
 
 @dataclass
-class LandscapeConfig(_IO):
+class LandscapeConfig(dio.DataclassIO):
     """What ``flatlora landscape`` draws for each run."""
 
     spaces: list[str] = dio.help_field(["full", "lora"], "spaces to scan: full (merged weights W), lora (A, B)")
@@ -89,8 +68,7 @@ class LandscapeConfig(_IO):
             v = check_count(name, getattr(self, name), 3)
             if v % 2 == 0:
                 raise ValueError(f"{name}={v} must be odd so that the trained weights are on the grid, e.g. {v + 1}")
-        if not isinstance(self.two_d, bool):
-            raise ValueError(f"two_d={self.two_d!r} must be true or false")
+        check_bool("two_d", self.two_d)
         check_count("batches", self.batches)
         check_count("batch_size", self.batch_size)
         check_count("seed", self.seed, 0)

@@ -26,10 +26,10 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from .._checks import check_batches, check_count, check_positive
 from ..noise import layer_seed
 from ._progress import bar
-from ._space import (LossFn, Objective, Space, Vector, axpy, check_batches, check_count, check_positive, check_space,
-                     dot, norm, scale)
+from ._space import LossFn, Objective, Space, Vector, axpy, check_space, dot, norm, scale
 
 Matvec = Callable[[Vector], Vector]
 

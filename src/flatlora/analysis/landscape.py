@@ -31,9 +31,10 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from .._checks import check_batches, check_count, check_positive
 from ..noise import layer_seed
 from ._progress import bar
-from ._space import LossFn, Objective, Space, Vector, check_batches, check_count, check_positive, check_space
+from ._space import LossFn, Objective, Space, Vector, check_space
 
 
 def filter_normalized_direction(model: nn.Module, space: str = "full", seed: int = 0, index: int = 0) -> Vector:

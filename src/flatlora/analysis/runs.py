@@ -9,11 +9,12 @@ path): ``sharpness.{json,md,png}``, ``landscape.json``, ``landscape_1d.{csv,png}
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Sequence
 
+from .._jsonio import as_float, dumps, write_text_atomic
+from .._stats import mean, stderr
 from .config import LandscapeConfig, SharpnessConfig
 
 
@@ -45,12 +46,6 @@ def resolve_runs(paths: Sequence[str | Path]) -> list[Path]:
 def default_out(paths: Sequence[str | Path]) -> Path:
     p = Path(paths[0])
     return p.parent if (p / "adapter_config.json").is_file() else p
-
-
-def _write(path: Path, text: str) -> Path:
-    from ..experiments.runs import write_text_atomic
-
-    return write_text_atomic(path, text)
 
 
 def _fmt(v: float | None, digits: int = 4) -> str:
@@ -90,15 +85,13 @@ def sharpness_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _mean_se(values: list[float]) -> str:
+def _mean_se(values: list[float | None]) -> str:
+    values = [as_float(v) for v in values]  # None: undefined (nan) in to_dict()
     if not values:
         return "-"
-    n = len(values)
-    mean = math.fsum(values) / n
-    if n < 2:
-        return _fmt(mean)
-    se = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1) / n)
-    return f"{_fmt(mean)} +- {_fmt(se, 2)}"
+    if len(values) < 2:
+        return _fmt(mean(values))
+    return f"{_fmt(mean(values))} +- {_fmt(stderr(values), 2)}"
 
 
 def measure_sharpness(paths: Sequence[str | Path], cfg: SharpnessConfig | None = None, out: str | Path | None = None,
@@ -123,8 +116,8 @@ def measure_sharpness(paths: Sequence[str | Path], cfg: SharpnessConfig | None =
                      "n_examples": sum(_batch_len(b) for b in run.batches)})
         del run
     files = {
-        "json": _write(out / "sharpness.json", json.dumps({"config": cfg.to_dict(), "runs": rows}, indent=2) + "\n"),
-        "md": _write(out / "sharpness.md", sharpness_table(rows)),
+        "json": write_text_atomic(out / "sharpness.json", dumps({"config": cfg.to_dict(), "runs": rows})),
+        "md": write_text_atomic(out / "sharpness.md", sharpness_table(rows)),
         "png": plot_sharpness(reports, out / "sharpness.png",
                               title=f"sharpness on {rows[0]['n_examples']} training examples"),
     }
@@ -182,13 +175,13 @@ def measure_landscapes(paths: Sequence[str | Path], cfg: LandscapeConfig | None 
                                                   progress=progress))
         del run
     data = {"config": cfg.to_dict(), "one_d": [c.to_dict() for c in curves], "two_d": [s.to_dict() for s in surfaces]}
-    files = {"json": _write(out / "landscape.json", json.dumps(data, indent=2) + "\n"),
-             "csv": _write(out / "landscape_1d.csv", _concat_csv([c.to_csv() for c in curves])),
-             "md": _write(out / "landscape.md", landscape_table(curves)),
+    files = {"json": write_text_atomic(out / "landscape.json", dumps(data)),
+             "csv": write_text_atomic(out / "landscape_1d.csv", _concat_csv([c.to_csv() for c in curves])),
+             "md": write_text_atomic(out / "landscape.md", landscape_table(curves)),
              "png": plot_landscapes_1d(curves, out / "landscape_1d.png",
                                        title="loss along a filter-normalised random direction")}
     if surfaces:
-        files["csv_2d"] = _write(out / "landscape_2d.csv", _concat_csv([s.to_csv() for s in surfaces]))
+        files["csv_2d"] = write_text_atomic(out / "landscape_2d.csv", _concat_csv([s.to_csv() for s in surfaces]))
         files["png_2d"] = plot_landscapes_2d(surfaces, out / "landscape_2d.png")
     return curves, surfaces, files
 

@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from .._jsonio import to_jsonable
 from ..noise import NoiseSpec, layer_seed, row_scale
 from ._progress import bar
 from ._space import LossFn, Objective, Space, check_batches, check_count, check_positive, check_space, norm, scale
@@ -47,7 +48,7 @@ class ExpectedSharpness:
     samples: tuple[float, ...]  # L(W + E_k) - L(W), k = 1..K
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable(asdict(self))
+        return to_jsonable(asdict(self))
 
 
 @dataclass(frozen=True)
@@ -63,19 +64,7 @@ class SamSharpness:
     first_order: float  # rho * ||g||: the sharpness of a linear loss
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable(asdict(self))
-
-
-def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    """nan/inf -> None (JSON has no nan) and tuples -> lists."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, float) and not math.isfinite(v):
-            v = None
-        elif isinstance(v, tuple):
-            v = list(v)
-        out[k] = v
-    return out
+        return to_jsonable(asdict(self))
 
 
 def _noise_specs(space: Space, scales: list[tuple], sample: int, seed: int) -> list[NoiseSpec]:

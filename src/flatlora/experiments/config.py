@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from .. import _dataclass_io as dio
+from .._checks import check_choice, check_count, check_counts, check_number
 
 CORE_METHODS = ["lora", "flat-lora", "lora-sam", "sam-w"]
 
 
 @dataclass
-class ExperimentConfig:
+class ExperimentConfig(dio.DataclassIO):
     """What to train and how; see ``flatlora compare --help`` for every field."""
 
     name: str = dio.help_field("default", "run-folder name under ./runs/ (when --out is not given)")
@@ -39,8 +39,8 @@ class ExperimentConfig:
     max_steps: int | None = dio.help_field(None, "stop after this many optimizer steps (overrides epochs)")
     batch_size: int = dio.help_field(32, "examples per optimizer step")
     lr: float = dio.help_field(
-        2e-3, "peak AdamW learning rate (paper: 5e-4 over 10 epochs; in our 60-step CPU budget 5e-4 left MiniLM "
-              "at chance, 2e-3 reached 72 percent)")
+        2e-3, "peak AdamW learning rate (paper: 5e-4 over 10 epochs; the presets' short runs need a larger one, "
+              "see docs/experiments.md)")
     weight_decay: float = dio.help_field(0.0, "AdamW weight decay")
     warmup_ratio: float = dio.help_field(0.06, "fraction of steps with linear warm-up; then linear decay to 0")
     max_grad_norm: float = dio.help_field(1.0, "gradient clipping (0 = off)")
@@ -60,7 +60,7 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         from .methods import METHODS
-        from .tasks import TASKS
+        from .tasks import validate_config
 
         for name in ("methods", "seeds", "ranks", "severities", "corruptions"):
             v = getattr(self, name)
@@ -69,8 +69,6 @@ class ExperimentConfig:
             setattr(self, name, list(v))
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ValueError(f"name={self.name!r} must be a plain folder name such as 'default'")
-        if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}; choose one of {', '.join(sorted(TASKS))}")
         if not self.methods:
             raise ValueError("methods is empty; give at least one, e.g. --methods lora flat-lora")
         bad = [m for m in self.methods if m not in METHODS]
@@ -78,42 +76,27 @@ class ExperimentConfig:
             raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods {self.methods} lists a method twice")
-        _ints("seeds", self.seeds, lo=0)
-        _ints("ranks", self.ranks, lo=1)
-        _ints("severities", self.severities, lo=1, hi=5)
+        check_counts("seeds", self.seeds, 0)
+        check_counts("ranks", self.ranks, 1)
         if not self.seeds or not self.ranks:
             raise ValueError("seeds and ranks need at least one value each")
         if len(set(self.seeds)) != len(self.seeds) or len(set(self.ranks)) != len(self.ranks):
             raise ValueError(f"seeds {self.seeds} / ranks {self.ranks} must not repeat values")
-        from .tasks.vision import CORRUPTIONS
-
-        bad = [c for c in self.corruptions if c not in CORRUPTIONS]
-        if bad:
-            raise ValueError(f"unknown corruption(s) {bad}; choose from {', '.join(CORRUPTIONS)}")
         for name in ("train_size", "test_size", "ood_size", "max_steps", "threads"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
-                raise ValueError(f"{name}={v!r} must be a positive integer or None")
-        for name in ("batch_size", "eval_batch_size", "max_length", "image_size", "train_loss_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name}={v!r} must be a positive integer")
+            check_count(name, getattr(self, name), optional=True)
+        for name in ("batch_size", "eval_batch_size", "train_loss_size"):
+            check_count(name, getattr(self, name))
         for name in ("epochs", "lr"):
-            if not _num(getattr(self, name)) or getattr(self, name) <= 0:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be a number > 0")
-        for name in ("weight_decay", "max_grad_norm", "sam_rho", "sam_w_rho", "alpha_over_rank", "lora_dropout"):
-            if not _num(getattr(self, name)) or getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be a number >= 0")
-        if self.rho is not None and (not _num(self.rho) or self.rho < 0):
-            raise ValueError(f"rho={self.rho!r} must be a number >= 0 or None for the task's default")
-        if self.model_dropout is not None and (not _num(self.model_dropout) or not 0 <= self.model_dropout < 1):
-            raise ValueError(f"model_dropout={self.model_dropout!r} must be in [0, 1) or None")
-        if not _num(self.warmup_ratio) or not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio={self.warmup_ratio!r} must be in [0, 1)")
-        if not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1)")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device={self.device!r} must be auto, cpu or cuda")
+            check_number(name, getattr(self, name), 0, above=True)
+        for name in ("weight_decay", "max_grad_norm", "sam_rho", "sam_w_rho", "alpha_over_rank"):
+            check_number(name, getattr(self, name), 0)
+        check_number("rho", self.rho, 0, optional=True, note=" for the task's default")
+        check_number("model_dropout", self.model_dropout, 0, 1, optional=True)
+        check_number("warmup_ratio", self.warmup_ratio, 0, 1)
+        check_number("lora_dropout", self.lora_dropout, 0, 1)
+        check_choice("device", self.device, {"auto": "cuda when available, else cpu", "cpu": "CPU only",
+                                             "cuda": "a GPU"})
+        validate_config(self)  # the task's name and the task-specific fields (max_length, image_size, ...)
 
     # --- derived values ----------------------------------------------------------------------------------
     def flat_rho(self) -> float:
@@ -133,35 +116,6 @@ class ExperimentConfig:
     def method_label(self, method: str, rank: int) -> str:
         return method if len(self.ranks) == 1 else f"{method}-r{rank}"
 
-    # --- serialisation -----------------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return dio.to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ExperimentConfig":
-        return dio.from_dict(cls, data)
-
-    def save(self, path: str | Path) -> Path:
-        return dio.dump_file(self, path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "ExperimentConfig":
-        return dio.load_file(cls, path)
-
-    def replace(self, **changes: Any) -> "ExperimentConfig":
-        return dataclasses.replace(self, **changes)
-
-
-def _num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
-
-
-def _ints(name: str, values: list, lo: int, hi: int | None = None) -> None:
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
-            rng = f">= {lo}" if hi is None else f"in {lo}..{hi}"
-            raise ValueError(f"{name} value {v!r} must be an integer {rng}")
-
 
 # Presets: named starting points. Sizes were chosen from step times measured on the 2-core machine
 # (docs/experiments.md); `flatlora compare --preset NAME --dry-run` prints the resolved config and run count.
@@ -178,7 +132,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # gains are said to grow with rank
     "rank-sweep": dict(name="rank-sweep", ranks=[4, 16, 64], methods=["lora", "flat-lora"], train_size=1600,
                        epochs=3.0, test_size=1000, ood_size=1000, max_length=48),
-    # Flat-LoRA composed with other LoRA variants (issue 5)
+    # Flat-LoRA composed with other LoRA variants
     "variants": dict(name="variants", methods=["lora", "flat-lora", "lora-ga", "lora-ga+flat", "adalora",
                                                "adalora+flat"],
                      train_size=1600, epochs=2.0, test_size=1000, ood_size=1000, max_length=48),

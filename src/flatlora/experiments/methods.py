@@ -1,7 +1,8 @@
 """The compared methods: how the adapter is initialised and how one optimizer step computes its gradients.
 
 A method is an initialisation (``lora``: PEFT's default, ``lora-ga``: PEFT's LoRA-GA from gradient SVD,
-``adalora``: PEFT's AdaLoRA) combined with a gradient rule:
+``adalora``: PEFT's AdaLoRA, ``alora``: PEFT LoRA at rank ``2r`` gated to ``r`` open ranks per module and
+reallocated by `flatlora.alora.ALoRA`) combined with a gradient rule:
 
 * ``plain``: ``g = grad L(W)``.
 * ``flat`` (Flat-LoRA, through the public `flatlora.FlatLora` API): ``g = grad L(W + E_t)`` with the
@@ -11,10 +12,16 @@ A method is an initialisation (``lora``: PEFT's default, ``lora-ga``: PEFT's LoR
 * ``sam-w`` (SAM on the merged weight): ``G = dL/dW`` for every LoRA layer's merged weight ``W`` (equal to
   the gradient of its base weight, since ``W = W_base + delta`` additively), then ``g = grad L`` at
   ``W + rho G / ||G||``. Costs two passes and ``O(mn)`` memory per layer (``G`` and a copy of ``W_base``).
+* ``bi-lora`` (Bi-LoRA, `flatlora.experiments.peers`): one pass at ``W0 + s1 B1 A1 + s2 B2 A2``; the auxiliary
+  adapter's gradients are negated (ascent through the same optimizer) and it is clipped into a global
+  ``rho``-ball after each step; deleted by `Method.finish` before evaluation and saving.
+* ``eflat`` (EFlat-LoRA, `flatlora.experiments.peers`): one pass at ``B + Ê_{t-1}``, the EMA of SAM's
+  full-weight perturbation moved onto ``B``; the weights are back at ``W`` afterwards.
 
-The SAM rules are baselines implemented here as step wrappers; they are not part of the flatlora API.
-Every rule leaves ``.grad`` set and the weights exactly at ``W``; the training loop then clips, steps the
-optimizer and the schedule, calls `Method.after_step`, and zeroes the gradients.
+The SAM rules and the peers are baselines implemented here as step wrappers; they are not part of the flatlora
+API. Every rule leaves ``.grad`` set and the weights exactly at ``W``; the training loop then clips, steps the
+optimizer and the schedule, calls `Method.after_step`, and zeroes the gradients; after the last step it calls
+`Method.finish`.
 """
 
 from __future__ import annotations
@@ -33,8 +40,8 @@ LossFn = Callable[[nn.Module, dict], torch.Tensor]
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
-    init: str  # lora | lora-ga | adalora
-    rule: str  # plain | flat | sam-ab | sam-w
+    init: str  # lora | lora-ga | adalora | alora
+    rule: str  # plain | flat | sam-ab | sam-w | bi-lora | eflat
     description: str
 
 
@@ -47,9 +54,14 @@ _SPECS = [
     MethodSpec("lora-ga+flat", "lora-ga", "flat", "LoRA-GA initialisation with Flat-LoRA steps"),
     MethodSpec("adalora", "adalora", "plain", "AdaLoRA (PEFT), plain steps"),
     MethodSpec("adalora+flat", "adalora", "flat", "AdaLoRA with Flat-LoRA steps"),
+    MethodSpec("alora", "alora", "plain", "ALoRA: AB-LoRA rank reallocation (r open of 2r slots per module)"),
+    MethodSpec("alora+flat", "alora", "flat", "ALoRA with Flat-LoRA steps"),
+    MethodSpec("bi-lora", "lora", "bi-lora", "Bi-LoRA: an auxiliary LoRA ascends inside a rho-ball in the same pass"),
+    MethodSpec("eflat-lora", "lora", "eflat", "EFlat-LoRA: SAM's full-weight perturbation on B, EMA-reused (one pass)"),
 ]
 METHODS: dict[str, MethodSpec] = {s.name: s for s in _SPECS}
 LORA_GA_BATCHES = 8  # training batches whose accumulated gradient initialises LoRA-GA
+ALORA_HELDOUT = 32  # held-out examples of ALoRA's scores (the paper: one validation batch of 32)
 
 
 def get_method(name: str) -> MethodSpec:
@@ -112,17 +124,70 @@ def build_peft_model(task: Any, cfg: Any, method: str, rank: int, seed: int, tot
             model = get_peft_model(base, AdaLoraConfig(
                 init_r=math.ceil(1.5 * rank), target_r=rank, total_step=t, tinit=t // 10, tfinal=t // 5,
                 deltaT=max(1, t // 20), **common))
-        else:  # pragma: no cover - the registry holds only the three
+        elif spec.init == "alora":  # slots 0..r-1 open, r..2r-1 the reserve; scaling alpha/r as LoRA's
+            from peft import LoraConfig
+
+            from ..alora import attach_gates
+
+            common["lora_alpha"] = cfg.alpha_over_rank * 2 * rank
+            model = get_peft_model(base, LoraConfig(r=2 * rank, **common))
+            attach_gates(model, init_rank=rank)
+        else:  # pragma: no cover - the registry holds only these
             raise ValueError(f"unknown init {spec.init!r}")
+        if spec.rule == "bi-lora":  # the primary adapter is LoRA's (same draws); the auxiliary one comes after
+            from .peers import add_auxiliary_adapter
+
+            add_auxiliary_adapter(model)
     return model
+
+
+def heldout_examples(task: Any, cfg: Any, n: int | None = None) -> Any:
+    """``n`` examples of the training pool that the run never trains on, for ALoRA's scores.
+
+    The tasks draw their training subset as the first ``train_size`` examples of a seeded permutation of the
+    pool, so the subset of ``train_size + n`` examples holds the training set followed by ``n`` unseen ones; this
+    is checked (the first ``train_size`` must equal the training set), not assumed. The paper scores on a
+    validation batch; the tasks have no validation split, and taking examples out of the training set would
+    change the data of the ALoRA rows only.
+    """
+    import torch
+
+    n = ALORA_HELDOUT if n is None else n
+    if cfg.train_size is None:
+        raise ValueError("ALoRA scores ranks on held-out examples of the training pool: set train_size (the whole "
+                         "training split leaves none held out)")
+    train = task.splits(cfg).train
+    bigger = task.splits(cfg.replace(train_size=cfg.train_size + n)).train
+    head = bigger.take(slice(0, len(train)))
+    if len(bigger) != len(train) + n or any(not torch.equal(head.tensors[k], v) for k, v in train.tensors.items()):
+        raise ValueError(f"task {cfg.task!r} does not draw its training subset as a prefix of one permutation, so "
+                         "ALoRA's held-out examples cannot be taken from its pool")
+    return bigger.take(slice(len(train), len(train) + n))
+
+
+def alora_config(rank: int, total_steps: int, steps_per_epoch: int, seed: int) -> Any:
+    """The paper's schedule in steps: warm-up 1 epoch (K1), a round every 0.25 epoch (K2), at most 8 rounds
+    (N_A), only rounds that leave training steps after them; ``ranks_per_round`` = one per module kind."""
+    from ..alora import ALoRAConfig
+
+    warm, every = max(1, steps_per_epoch), max(1, round(0.25 * steps_per_epoch))
+    rounds = sum(1 for k in range(8) if warm + k * every < total_steps)
+    return ALoRAConfig(init_rank=rank, warmup_steps=warm, interval_steps=every, rounds=rounds, seed=seed)
 
 
 def save_adapter(model: nn.Module, method: str, path: str, initial_dir: str | None) -> None:
     """``save_pretrained`` (safetensors). LoRA-GA rewrote the base weights, so its adapter is converted to a
     plain LoRA adapter of rank 2r that loads on the unmodified backbone (PEFT's weight conversion)."""
-    if get_method(method).init == "lora-ga":
+    spec = get_method(method)
+    if spec.init == "lora-ga":
         model.save_pretrained(path, path_initial_model_for_weight_conversion=initial_dir)
         _add_missing_modules_to_save(model, path)
+    elif spec.init == "alora":  # the open ranks only, per-module ranks in rank_pattern
+        from ..alora import export_adapter
+
+        export_adapter(model, path)
+    elif spec.rule == "bi-lora":  # never the auxiliary adapter (Method.finish deletes it; this is a safeguard)
+        model.save_pretrained(path, selected_adapters=["default"])
     else:
         model.save_pretrained(path)
 
@@ -163,7 +228,8 @@ class Method:
     """Computes the gradients of one optimizer step for ``spec.rule``; see the module docstring."""
 
     def __init__(self, spec: MethodSpec, model: nn.Module, loss_fn: LossFn, *, total_steps: int, seed: int,
-                 rho: float, sam_rho: float, sam_w_rho: float) -> None:
+                 rho: float, sam_rho: float, sam_w_rho: float, heldout: Callable[[], list[dict]] | None = None,
+                 steps_per_epoch: int | None = None) -> None:
         self.spec = spec
         self.model = model
         self.loss_fn = loss_fn
@@ -178,6 +244,32 @@ class Method:
         self.lora_params = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self._bases = _lora_base_layers(model) if spec.rule == "sam-w" else []
+        self.bilora = self.eflat = self.alora = None
+        if spec.rule == "bi-lora":
+            from .peers import BiLoRA
+
+            self.bilora = BiLoRA(model)
+        elif spec.rule == "eflat":
+            from .peers import EFlatLoRA
+
+            self.eflat = EFlatLoRA(model)
+        if spec.init == "alora":
+            from ..alora import ALoRA
+
+            if heldout is None or steps_per_epoch is None:
+                raise ValueError("ALoRA methods need heldout (a function returning the scoring batches) and "
+                                 "steps_per_epoch (its schedule is in epochs)")
+            self.alora = ALoRA(model, alora_config(_open_ranks(model), total_steps, steps_per_epoch, seed),
+                               heldout(), loss_fn)
+
+    @property
+    def rho(self) -> float:
+        """The rule's radius or noise level (0 for plain steps), as recorded in run.json."""
+        from . import peers
+
+        radius = {"flat": self.flat.config.rho if self.flat is not None else 0.0, "sam-ab": self.sam_rho,
+                  "sam-w": self.sam_w_rho, "bi-lora": peers.BI_LORA_RHO, "eflat": peers.EFLAT_RHO}
+        return radius.get(self.spec.rule, 0.0)
 
     def sigma(self, t: int) -> float:
         """Flat-LoRA's noise level at step t (0 for the other rules)."""
@@ -193,12 +285,29 @@ class Method:
                 return self._backward(batch)
         if rule == "sam-ab":
             return self._sam_ab(batch)
+        if rule == "bi-lora":
+            loss = self._backward(batch)
+            self.bilora.ascend()
+            return loss
+        if rule == "eflat":
+            return self.eflat.step(t, lambda: self._backward(batch))
         return self._sam_w(batch)
 
-    def after_step(self, t: int) -> None:
-        """Called after ``optimizer.step()``, before ``zero_grad``: AdaLoRA's rank allocation."""
+    def after_step(self, t: int, optimizer: Any = None) -> None:
+        """Called after ``optimizer.step()``, before ``zero_grad``: AdaLoRA's and ALoRA's rank allocation
+        (ALoRA resets the optimizer state of reopened ranks when given ``optimizer``), Bi-LoRA's clipping."""
         if self.spec.init == "adalora":
             self.model.base_model.update_and_allocate(t)
+        if self.alora is not None:
+            self.alora.update(t, optimizer)
+        if self.bilora is not None:
+            self.bilora.clip()
+
+    def finish(self) -> None:
+        """Called once after the last step, before evaluation and saving: Bi-LoRA discards its auxiliary adapter."""
+        if self.bilora is not None:
+            self.bilora.discard()
+            self.bilora = None
 
     def _backward(self, batch: dict) -> float:
         loss = self.loss_fn(self.model, batch)
@@ -262,11 +371,20 @@ def _global_norm(tensors: list[torch.Tensor]) -> float:
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in tensors])))
 
 
+def _open_ranks(model: nn.Module) -> int:
+    from ..alora import active_ranks
+
+    counts = set(active_ranks(model).values())
+    if len(counts) != 1:
+        raise ValueError(f"the ALoRA model's modules start with different open ranks {sorted(counts)}")
+    return counts.pop()
+
+
 def _lora_base_layers(model: nn.Module) -> list[nn.Module]:
     from peft.tuners.lora import LoraLayer
 
     return [m.get_base_layer() for m in model.modules() if isinstance(m, LoraLayer)]
 
 
-__all__ = ["METHODS", "Method", "MethodSpec", "build_peft_model", "get_method", "paired_baseline",
-           "save_adapter", "save_initial_adapter", "seeded"]
+__all__ = ["METHODS", "Method", "MethodSpec", "alora_config", "build_peft_model", "get_method", "heldout_examples",
+           "paired_baseline", "save_adapter", "save_initial_adapter", "seeded"]

@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .._jsonio import as_float
 from .config import ExperimentConfig
 from .methods import paired_baseline
 from .runs import CURVE_FILE, read_json, read_run, write_json_atomic, write_text_atomic
@@ -34,7 +35,8 @@ def collect(root: str | Path, cfg: ExperimentConfig) -> dict[str, list[dict]]:
     return out
 
 
-def _stat(xs: list[float]) -> dict[str, float]:
+def _stat(xs: list[float | None]) -> dict[str, float]:
+    xs = [as_float(x) for x in xs]  # null in run.json: undefined (nan), e.g. the OOD mean of no OOD set
     ci = mean_ci(xs)
     return {"mean": ci.mean, "std": ci.std, "ci_low": ci.low, "ci_high": ci.high, "n": ci.n, "values": list(xs)}
 
@@ -70,10 +72,10 @@ def summarize(runs: dict[str, list[dict]], cfg: ExperimentConfig) -> dict[str, A
         seeds = sorted(set(a) & set(b))
         if not seeds:
             continue
-        metrics = {"test_accuracy": lambda r: r["metrics"]["test_accuracy"],
-                   "ood_accuracy": lambda r: r["metrics"]["ood_accuracy"]}
+        metrics = {"test_accuracy": lambda r: as_float(r["metrics"]["test_accuracy"]),
+                   "ood_accuracy": lambda r: as_float(r["metrics"]["ood_accuracy"])}
         for g in a[seeds[0]]["metrics"].get("ood_groups", {}):
-            metrics[f"ood {g}"] = lambda r, g=g: r["metrics"]["ood_groups"][g]
+            metrics[f"ood {g}"] = lambda r, g=g: as_float(r["metrics"]["ood_groups"][g])
         diffs = {k: paired_diff([f(a[s]) for s in seeds], [f(b[s]) for s in seeds]).to_dict()
                  for k, f in metrics.items()}
         paired.append({"method": label, "baseline": base_label, "seeds": seeds, "diffs": diffs})

@@ -11,13 +11,13 @@ A run is built in a hidden sibling folder ``.seed<k>.tmp-<pid>`` and renamed int
 so a run folder with ``run.json`` is always whole; an interrupted compare leaves only temp folders, which
 the next compare removes before re-running exactly the runs that are missing. A ``run.json`` damaged later
 (truncated by a full disk or a partial copy) makes its run unfinished: compare re-runs it, and every reader
-names the file in its error.
+names the file in its error. The JSON files are strict JSON: an undefined number (nan) is written as
+``null`` (`flatlora._jsonio`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -27,47 +27,13 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from .._checks import check_count
+from .._jsonio import TMP_MARK, read_json, write_text_atomic
+from .._jsonio import write_json as write_json_atomic
+
 RUN_FILE = "run.json"
 CURVE_FILE = "curve.json"
 ADAPTER_DIR = "adapter"
-TMP_MARK = ".tmp-"
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temp file and a rename (readers never see half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
-
-
-def write_json_atomic(path: str | Path, data: Any) -> Path:
-    return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=_jsonable) + "\n")
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, (Path,)):
-        return str(v)
-    if isinstance(v, torch.Tensor):
-        return v.tolist()
-    raise TypeError(f"{type(v).__name__} is not JSON serialisable")
-
-
-def read_json(path: str | Path) -> Any:
-    """``json.loads`` of a file; a missing, unreadable or malformed file is a ``ValueError`` naming it."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ValueError(f"cannot read {str(path)!r}: {reason}") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{str(path)!r} is not valid JSON (truncated or damaged?): line {exc.lineno}, "
-                         f"column {exc.colno}: {exc.msg}") from None
 
 
 def run_file_error(run_dir: str | Path) -> str | None:
@@ -175,9 +141,8 @@ def load_run(run_dir: str | Path, n_batches: int = 8, batch_size: int = 32) -> L
     from .config import ExperimentConfig
     from .tasks import get_task
 
-    for name, v in (("n_batches", n_batches), ("batch_size", batch_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ValueError(f"{name}={v!r} must be a positive integer")
+    check_count("n_batches", n_batches)
+    check_count("batch_size", batch_size)
     run_dir = Path(run_dir)
     info = read_run(run_dir)
     missing = sorted({"config", "seed", "label"} - set(info))

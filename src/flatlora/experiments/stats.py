@@ -1,4 +1,5 @@
-"""Small-sample statistics over seeds: mean, std, Student-t quantiles and paired-difference intervals.
+"""Small-sample statistics over seeds: mean and std (`flatlora._stats`), Student-t quantiles and paired-difference
+intervals.
 
 scipy is not a dependency, so the Student-t distribution is computed here: its CDF through the regularized
 incomplete beta function (Lentz's continued fraction, as in Numerical Recipes 6.4),
@@ -16,20 +17,7 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
-
-def mean(xs: Sequence[float]) -> float:
-    if not xs:
-        raise ValueError("mean of an empty sample")
-    return math.fsum(xs) / len(xs)
-
-
-def std(xs: Sequence[float]) -> float:
-    """Sample standard deviation (ddof = 1); nan for fewer than 2 values."""
-    n = len(xs)
-    if n < 2:
-        return math.nan
-    m = mean(xs)
-    return math.sqrt(math.fsum((x - m) ** 2 for x in xs) / (n - 1))
+from .._stats import mean, std
 
 
 def _betacf(a: float, b: float, x: float) -> float:
@@ -129,9 +117,10 @@ class Interval:
 def mean_ci(xs: Sequence[float], level: float = 0.95) -> Interval:
     """``mean +- t_{(1+level)/2, n-1} * s / sqrt(n)`` and the t-test p-value of mean 0.
 
-    Undefined (nan bounds and p) for ``n < 2``, and when every value is equal (``s = 0``: the t statistic is
-    0/0 or +-inf, and a zero-width interval would claim certainty that two to five seeds cannot give); values
-    that differ only by floating-point rounding count as equal, and ``std`` is then reported as 0.
+    Undefined (nan bounds and p) for ``n < 2``, when a value is nan or infinite, and when every value is equal
+    (``s = 0``: the t statistic is 0/0 or +-inf, and a zero-width interval would claim certainty that two to
+    five seeds cannot give); values that differ only by floating-point rounding count as equal, and ``std``
+    is then reported as 0.
     """
     xs = [float(x) for x in xs]
     return _interval(xs, level, scale=max((abs(x) for x in xs), default=0.0))
@@ -155,7 +144,7 @@ def all_equal(xs: Sequence[float], scale: float) -> bool:
 def _interval(xs: list[float], level: float, scale: float) -> Interval:
     n = len(xs)
     m = mean(xs)
-    if n < 2:
+    if n < 2 or not math.isfinite(m):  # one value, or an undefined one (nan, null in a run.json)
         return Interval(n, m, math.nan, math.nan, math.nan, math.nan, level)
     if all_equal(xs, scale):
         return Interval(n, m, 0.0, math.nan, math.nan, math.nan, level)

@@ -24,7 +24,8 @@ from typing import Any, Callable
 import torch
 
 from .config import ExperimentConfig
-from .methods import Method, build_peft_model, get_method, save_adapter, save_initial_adapter, seeded
+from .methods import (Method, build_peft_model, get_method, heldout_examples, save_adapter, save_initial_adapter,
+                      seeded)
 from .runs import ADAPTER_DIR, CURVE_FILE, RUN_FILE, atomic_dir, write_json_atomic
 from .tasks import TensorData, get_task, to_device
 
@@ -161,7 +162,8 @@ def train_run(cfg: ExperimentConfig, method: str, rank: int, seed: int, run_dir:
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, cfg.warmup_ratio))
         runner = Method(spec, model, task.loss, total_steps=steps, seed=seed, rho=cfg.flat_rho(),
-                        sam_rho=cfg.sam_rho, sam_w_rho=cfg.sam_w_rho)
+                        sam_rho=cfg.sam_rho, sam_w_rho=cfg.sam_w_rho, heldout=lambda: [collate(heldout_examples(
+                            task, cfg))], steps_per_epoch=math.ceil(n_train / cfg.batch_size))
         curve: dict[str, list] = {"step": [], "loss": [], "lr": [], "sigma": []}
         step_times: list[float] = []
         bar = None
@@ -181,7 +183,7 @@ def train_run(cfg: ExperimentConfig, method: str, rank: int, seed: int, run_dir:
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 opt.step()
                 sched.step()
-                runner.after_step(t)
+                runner.after_step(t, opt)
                 opt.zero_grad(set_to_none=True)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
@@ -196,6 +198,7 @@ def train_run(cfg: ExperimentConfig, method: str, rank: int, seed: int, run_dir:
                     bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
                     bar.update(1)
         train_s = time.perf_counter() - t_train
+        runner.finish()  # Bi-LoRA: the auxiliary adapter goes before evaluation and saving
         if bar is not None:
             bar.close()
         t_eval = time.perf_counter()
@@ -210,8 +213,7 @@ def train_run(cfg: ExperimentConfig, method: str, rank: int, seed: int, run_dir:
         info = {
             "label": label, "task": cfg.task, "method": method, "rank": rank, "seed": seed,
             "description": spec.description,
-            "rho": cfg.flat_rho() if spec.rule == "flat" else
-            (cfg.sam_rho if spec.rule == "sam-ab" else (cfg.sam_w_rho if spec.rule == "sam-w" else 0.0)),
+            "rho": runner.rho,
             "steps": steps, "n_train": n_train, "trainable_params": n_trainable,
             "metrics": metrics,
             "final_running_loss": sum(curve["loss"][-10:]) / len(curve["loss"][-10:]),

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .._jsonio import to_jsonable, write_json
 from . import data as data_mod
 from . import passthrough, tasks
 from .recipe import EMBEDDED_PREFIX, Recipe
@@ -198,9 +199,9 @@ def run(prep: Prepared) -> dict[str, Any]:
         if main:
             with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
                 for prompt, text, rec in zip(prep.task_data.prompts, texts, records):
-                    f.write(json.dumps({"prompt": prompt, "generation": text, **rec}) + "\n")
+                    f.write(json.dumps(to_jsonable({"prompt": prompt, "generation": text, **rec})) + "\n")
     if main:
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        write_json(out / "metrics.json", metrics)
     return metrics
 
 
@@ -218,7 +219,7 @@ def jsonl_log(path: Path) -> Any:
                 if state.is_world_process_zero and logs:
                     self.path.parent.mkdir(parents=True, exist_ok=True)
                     with open(self.path, "a", encoding="utf-8") as f:
-                        f.write(json.dumps({"step": state.global_step, **logs}, default=float) + "\n")
+                        f.write(json.dumps(to_jsonable({"step": state.global_step, **logs})) + "\n")
 
         _JsonlLog = JsonlLog
     return _JsonlLog(path)

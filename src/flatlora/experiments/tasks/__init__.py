@@ -1,8 +1,12 @@
 """Pluggable tasks: a task is a model loader, data splits, a metric, LoRA targets and a default rho.
 
-Adding a task is one small module defining a `Task` subclass, registered in ``TASKS`` below. Everything
-the training loop needs goes through this interface, so `flatlora compare --task NAME` just works:
+Adding a task is one small module defining a `Task` subclass, plus its line in ``_REGISTRY`` below
+(``TASKS`` lists the registry's names). Everything the harness needs goes through this interface, so
+`flatlora compare --task NAME` just works:
 
+* ``validate(cfg)`` (a classmethod): check the config fields only this task reads (text: ``max_length``;
+  vision: ``image_size``, ``severities``, ``corruptions``), raising ``ValueError`` naming the field. Every
+  registered task checks its fields whatever ``cfg.task`` is, so a config file stays valid for each task.
 * ``build_model(cfg, seed)``: the pretrained backbone with a freshly initialised head (fp32, CPU);
   the head's initial values come from ``torch.Generator(seed)``.
 * ``lora_kwargs(cfg)``: ``target_modules``, ``modules_to_save``/``task_type`` for the PEFT config.
@@ -14,6 +18,7 @@ the training loop needs goes through this interface, so `flatlora compare --task
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -61,6 +66,10 @@ class Task:
     description: str = ""
     default_rho: float = 0.05
     num_labels: int = 2
+
+    @classmethod
+    def validate(cls, cfg: Any) -> None:
+        """Check the fields of ``cfg`` (an `ExperimentConfig`) that only this task reads; none by default."""
 
     def build_model(self, cfg: Any, seed: int) -> nn.Module:
         raise NotImplementedError
@@ -116,25 +125,33 @@ def init_linear_(layer: nn.Linear, gen: torch.Generator, std: float = 0.02) -> N
             layer.bias.zero_()
 
 
-def _registry() -> dict[str, type[Task]]:
-    from .text import TextTask
-    from .vision import VisionTask
-
-    return {"text": TextTask, "vision": VisionTask}
-
-
-TASKS: tuple[str, ...] = ("text", "vision")
+# name -> "module:class", imported on first use (each task module imports this one for `Task`)
+_REGISTRY: dict[str, str] = {"text": ".text:TextTask", "vision": ".vision:VisionTask"}
+TASKS: tuple[str, ...] = tuple(_REGISTRY)
 _INSTANCES: dict[str, Task] = {}
+
+
+def task_class(name: str) -> type[Task]:
+    """The `Task` subclass registered as ``name``."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown task {name!r}; choose one of {', '.join(sorted(_REGISTRY))}")
+    module, cls = _REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module, __name__), cls)
 
 
 def get_task(name: str) -> Task:
     """The task registered as ``name`` (one shared instance, which caches its data)."""
-    reg = _registry()
-    if name not in reg:
-        raise ValueError(f"unknown task {name!r}; choose one of {', '.join(sorted(reg))}")
     if name not in _INSTANCES:
-        _INSTANCES[name] = reg[name]()
+        _INSTANCES[name] = task_class(name)()
     return _INSTANCES[name]
 
 
-__all__ = ["Splits", "Task", "TensorData", "TASKS", "get_task", "init_linear_", "to_device"]
+def validate_config(cfg: Any) -> None:
+    """Check ``cfg.task`` and every registered task's own fields of ``cfg`` (see `Task.validate`)."""
+    task_class(cfg.task)
+    for name in TASKS:
+        task_class(name).validate(cfg)
+
+
+__all__ = ["Splits", "Task", "TensorData", "TASKS", "get_task", "init_linear_", "task_class", "to_device",
+           "validate_config"]

