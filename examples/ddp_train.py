@@ -94,7 +94,7 @@ def main() -> None:
     mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
     trained = [p for p in peft_model.parameters() if p.requires_grad]
     print(f"rank {accelerator.process_index}/{accelerator.num_processes}  steps {t}/{total}  "
-          f"sigma_T {flat.sigma(t):.4f} (rho {args.rho})  noise_rank {flat.rank}  last_loss {mean_loss:.4f}  "
+          f"sigma_T {flat.sigma(t):.4f} (rho {args.rho})  noise_rank {flat.noise_rank}  last_loss {mean_loss:.4f}  "
           f"adapters {digest(trained)}  base {digest(frozen)}  base_unchanged {digest(frozen) == base_before}",
           flush=True)
     # Free the DDP wrapper while the process group still exists. Its gradient Reducer holds the group; were the

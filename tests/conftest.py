@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from kit.models import MODELS
-from kit.models import ToyMLP, batch_for, loss_of  # noqa: F401  (re-exported: tests/alora imports them from here)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -10,7 +10,8 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 from flatlora import FlatLora, FlatLoraConfig
-from flatlora.exact import Op, _perturbed, _perturbed_input_grad, perturbed_op, perturbed_op_compiled
+from flatlora._compiled import perturbed as _perturbed, perturbed_input_grad as _perturbed_input_grad
+from flatlora.exact import Op, perturbed_op, perturbed_op_compiled
 from flatlora.noise import NoiseSpec, row_scale
 from kit.adapters import randomize_lora
 from kit.compare import base_state, lora_grads
@@ -250,9 +251,9 @@ def test_custom_ops_pass_opcheck():
 def test_spec_taken_at_the_first_forward_under_compile(monkeypatch):
     """Under FSDP2 the spec is taken at the layer's first forward of the step (weights whole there), in a graph
     break; simulated here by reporting every layer as sharded. Same numbers, no new graph after step 1."""
-    import flatlora.core
+    import flatlora._fsdp
 
-    monkeypatch.setattr(flatlora.core, "_sharded", lambda target: True)
+    monkeypatch.setattr(flatlora._fsdp, "sharded", lambda target: True)
     model = toy_model().eval()
     ref = copy.deepcopy(model)
     cfg = FlatLoraConfig(rho=0.5, seed=7)

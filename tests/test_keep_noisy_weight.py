@@ -75,3 +75,55 @@ def test_keeping_w_plus_e_gives_the_same_numbers_with_one_draw(monkeypatch, kind
 
 def test_default_spec_keeps_nothing():
     assert NoiseSpec(1, torch.ones(2), (2, 3)).keep is False
+
+
+# --- the opt-in from FlatLoraConfig -------------------------------------------------------------------------------
+def _flat_grads(model_fn, batches, keep: bool, monkeypatch) -> tuple[list, list, int]:
+    """Losses and trainable gradients of 3 optimizer steps of 2 micro-batches each (no optimizer: the weights stay,
+    so every step compares the same W), the specs handed out, and how many times W + E was drawn."""
+    from flatlora import FlatLora, FlatLoraConfig
+    from kit.compare import step_grads
+
+    model = model_fn()
+    flat = FlatLora(model, FlatLoraConfig(rho=0.5, seed=3, keep_noisy_weight=keep), total_steps=3)
+    counted = _Counting(noise.add_filter_noise)
+    monkeypatch.setattr(noise, "add_filter_noise", counted)
+    out, specs = [], []
+    for t in range(1, 4):
+        with flat.perturbed(t):
+            out += [step_grads(model, batch) for batch in batches]
+            specs += [spec for _, spec in flat._applied.specs]
+    monkeypatch.undo()
+    return out, specs, counted.calls
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+def test_config_keep_noisy_weight_reaches_the_spec_and_gives_the_same_gradients(monkeypatch, kind):
+    from kit.models import batch_for, conv_batch, conv_model, toy_model
+
+    model_fn = toy_model if kind == "mlp" else conv_model
+    batches = [batch_for("mlp", 1), batch_for("mlp", 2)] if kind == "mlp" else [conv_batch(1), conv_batch(2)]
+    default, specs_default, draws_default = _flat_grads(model_fn, batches, False, monkeypatch)
+    kept, specs_kept, draws_kept = _flat_grads(model_fn, batches, True, monkeypatch)
+    assert specs_kept and all(s.keep for s in specs_kept) and not any(s.keep for s in specs_default)
+    assert [(s.seed, s.shape) for s in specs_kept] == [(s.seed, s.shape) for s in specs_default]
+    for (loss_a, grads_a), (loss_b, grads_b) in zip(kept, default, strict=True):
+        assert torch.equal(loss_a, loss_b) and grads_a.keys() == grads_b.keys() and grads_a
+        assert all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)
+    n_forwards = len(batches) * len(specs_kept)  # micro-batches x (steps x layers)
+    assert draws_kept == n_forwards < draws_default  # one draw per forward; two where backward needs W + E
+
+
+def test_config_keep_noisy_weight_is_validated_and_round_trips():
+    from flatlora import FlatLoraArguments, FlatLoraConfig
+
+    with pytest.raises(ValueError, match="keep_noisy_weight='yes' must be true or false"):
+        FlatLoraConfig(keep_noisy_weight="yes")
+    cfg = FlatLoraConfig(keep_noisy_weight=True)
+    assert FlatLoraConfig.from_json(cfg.to_json()) == cfg
+    assert FlatLoraArguments.from_config(cfg).to_config() == cfg
+    pytest.importorskip("transformers")
+    from flatlora import FlatLoraCallback
+
+    state = FlatLoraCallback(cfg).state()  # what the Trainer saves in a checkpoint and rebuilds on resume
+    assert FlatLoraCallback(**state["args"]).config.keep_noisy_weight is True

@@ -8,7 +8,7 @@ Models (random data, seeded; timings do not depend on the values):
   on its 1x1 convolutions (expand, project, head: 33 layers), 32x32 inputs, batch 32.
 
 Variants, in interleaved rounds with paired ratios to LoRA: ``lora``; ``flat-exact`` (E drawn in forward and
-again in backward: the default); ``flat-exact one draw``: specs with ``keep=True`` (`keeping`), so the exact
+again in backward: the default); ``flat-exact one draw``: ``keep_noisy_weight=True`` (`keeping`), so the exact
 op keeps forward's ``W + E`` for backward (one draw; costs one ``W + E`` per layer held from its forward to its
 backward: ``kept_bytes``), also paired against ``flat-exact`` directly. The noise inside each Flat-LoRA step is
 timed too (all ``add_filter_noise`` calls).
@@ -16,7 +16,6 @@ timed too (all ``add_filter_noise`` calls).
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 import time
 from types import SimpleNamespace
@@ -33,10 +32,9 @@ from .models import PRESETS, make_batch
 
 
 def keeping(flat: FlatLora) -> FlatLora:
-    """Make ``flat`` hand out specs with ``keep=True`` (what the proposed ``FlatLoraConfig`` opt-in would do:
-    forward's ``W + E`` kept for backward, `flatlora.exact.PerturbedOp`)."""
-    make = flat._layer_spec
-    flat._layer_spec = lambda target, t, sigma: dataclasses.replace(make(target, t, sigma), keep=True)
+    """Turn on ``keep_noisy_weight`` for ``flat``: its specs get ``keep=True``, so the exact op keeps forward's
+    ``W + E`` for backward (`flatlora.exact.PerturbedOp`)."""
+    flat.config = flat.config.replace(keep_noisy_weight=True)
     return flat
 
 

@@ -7,7 +7,7 @@ lands in a minimum that is flat in the full parameter space, at LoRA's cost.
 from .config import FlatLoraConfig
 from .core import FlatLora
 from .hf_args import FlatLoraArguments
-from .noise import NoiseSpec, filter_noise, layer_seed, row_scale
+from .noise import NoiseSpec, filter_noise, layer_noise_spec, layer_seed, row_scale
 from .schedule import sigma_at
 
 __version__ = "0.1.0"
@@ -19,6 +19,7 @@ __all__ = [
     "FlatLoraConfig",
     "NoiseSpec",
     "filter_noise",
+    "layer_noise_spec",
     "layer_seed",
     "load_flat_lora_config",
     "row_scale",

@@ -6,12 +6,14 @@
             model(**batch).loss.backward()
         optimizer.step(); optimizer.zero_grad()
 
-Two ways to run at ``W + E`` (both draw the same ``E`` for the same ``(seed, t, rank, layer)``):
+Two ways to run at ``W + E``; both draw the same ``E`` for the same ``(seed, t, noise_rank, layer)``
+(`flatlora.noise.layer_noise_spec`):
 
-* ``exact``: nothing is written. Each base layer computes ``op(x, W_base + E, b)`` through `PerturbedOp`
-  (its ``forward`` is swapped for the context's lifetime only), or, for layers whose output does not come
-  from one base matmul (DoRA, bitsandbytes), a forward hook adds ``op(x, E)`` to the LoRA layer's output.
-  ``E`` is regenerated from its seed in backward. Base weights stay bit-identical in every dtype.
+* ``exact``: nothing is written. Each base layer computes ``op(x, W_base + E, b)`` through
+  `flatlora.exact.PerturbedOp` (its ``forward`` is swapped for the context's lifetime only), or, for layers
+  whose output does not come from one base op (DoRA, bitsandbytes: `flatlora.ops.noise_beside`), a forward
+  hook adds ``op(x, E)`` to the LoRA layer's output. ``E`` is regenerated from its seed in backward (or, with
+  ``keep_noisy_weight``, forward's ``W + E`` is kept for it). Base weights stay bit-identical in every dtype.
 * ``inplace``: the paper's way: ``W_base += E`` on entry and ``W_base -= E`` (regenerated) on exit; fp32
   only, where the restore error is fp32 rounding (~1e-7 relative).
 
@@ -25,6 +27,7 @@ micro-batches (the in-place mode refuses FSDP2).
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -32,89 +35,14 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from . import _fsdp
 from ._checks import check_int
 from .config import FlatLoraConfig
 from .exact import ExactLayer
-from .noise import NoiseSpec, layer_seed, row_scale
+from .noise import NoiseSpec, layer_noise_spec
+from .ops import noise_beside
 from .schedule import sigma_at
-from .targets import Target, find_targets, lora_layers_with_active_adapters
-
-
-def _rank() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return 0
-
-
-def _is_dtensor(w: torch.Tensor) -> bool:
-    return type(w).__name__ == "DTensor"
-
-
-def _sharded(target: Target) -> bool:
-    """Whether the layer's parameters are DTensor shards now (FSDP2 outside forward): not whole before forward."""
-    return any(_is_dtensor(p) for p in target.module.parameters())
-
-
-def _fsdp_module_type() -> type | None:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch without FSDP2
-        return None
-    return FSDPModule
-
-
-def _owns_shards(unit: nn.Module, fsdp: type) -> bool:
-    """Whether the FSDP2 unit's own parameters (not those of nested units) are sharded DTensors now."""
-    nested = {id(p) for m in unit.modules() if m is not unit and isinstance(m, fsdp) for p in m.parameters()}
-    return any(_is_dtensor(p) for p in unit.parameters() if id(p) not in nested)
-
-
-@contextlib.contextmanager
-def _whole_params(model: nn.Module, target: Target) -> Iterator[None]:
-    """Make the layer's parameters whole for the body when FSDP2 holds them as DTensor shards.
-
-    Inside a forward FSDP2 has already all-gathered them (nothing to do). Outside one (``noise_specs`` called
-    by the user) this unshards the FSDP2 units owning them (the nearest unit at or above the layer and any
-    unit inside it) and reshards them afterwards: a collective, so every rank must make the same call.
-    """
-    fsdp = _fsdp_module_type()
-    if fsdp is None or not any(_is_dtensor(p) for p in target.module.parameters()):
-        yield
-        return
-    modules = dict(model.named_modules())
-    parts = target.name.split(".") if target.name else []
-    owners = [m for m in target.module.modules() if isinstance(m, fsdp)]
-    for i in range(len(parts), -1, -1):
-        m = modules.get(".".join(parts[:i]))
-        if isinstance(m, fsdp):
-            owners.append(m)
-            break
-    sharded = [u for u in {id(u): u for u in owners}.values() if _owns_shards(u, fsdp)]
-    if not sharded:
-        raise ValueError(f"the parameters of layer {target.name!r} are FSDP2 shards, but no fully_shard unit inside "
-                         "the model given to FlatLora owns them; build FlatLora on the model you called fully_shard on")
-    for unit in sharded:
-        unit.unshard()
-    try:
-        yield
-    finally:
-        for unit in sharded:
-            unit.reshard()
-
-
-def _no_autocast(w: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Autocast off (norms in fp32 even when the first forward of a step runs under autocast)."""
-    dev = w.device.type
-    return torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else contextlib.nullcontext()
-
-
-def _plain_forward(base: nn.Module) -> bool:
-    """Whether the layer's class computes exactly ``op(x, W, b)``: torch's own Linear/ConvNd/Embedding
-    forward, or GPT-2's Conv1D; a subclass overriding forward (e.g. an embedding that scales its output) is not."""
-    if type(base).__name__ == "Conv1D":
-        return True
-    return type(base).forward in (nn.Linear.forward, nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward,
-                                  nn.Embedding.forward)
+from .targets import Target, check_coverage, find_targets
 
 
 @dataclass
@@ -152,6 +80,7 @@ class FlatLora:
         if self.mode == "inplace":
             self._check_inplace()
         self._applied: _Applied | None = None
+        self._exact_layers: dict[Target, ExactLayer] = {}  # exact mode: each target's route, built at first use
         self._coverage_key: tuple | None = None  # active adapters when the coverage was last checked
 
     # --- inspection ------------------------------------------------------------------------------------
@@ -169,9 +98,17 @@ class FlatLora:
         return self._applied is not None
 
     @property
+    def noise_rank(self) -> int:
+        """The process rank that enters the noise seed: this process's data-parallel rank, or 0 on every rank
+        with ``same_noise_across_ranks`` (not the LoRA rank ``r``)."""
+        return 0 if self.config.same_noise_across_ranks else _fsdp.process_rank()
+
+    @property
     def rank(self) -> int:
-        """The rank that enters the noise seed (0 on every rank with ``same_noise_across_ranks``)."""
-        return 0 if self.config.same_noise_across_ranks else _rank()
+        """Deprecated alias of `noise_rank` (the process rank in the noise seed, not the LoRA rank)."""
+        warnings.warn("FlatLora.rank is deprecated: use FlatLora.noise_rank (the process rank that enters the "
+                      "noise seed)", DeprecationWarning, stacklevel=2)
+        return self.noise_rank
 
     def sigma(self, t: int) -> float:
         """``sigma_t`` of the configured schedule at optimizer step ``t`` (``0 <= t <= total_steps``)."""
@@ -187,10 +124,12 @@ class FlatLora:
         return [(target, self._layer_spec(target, t, sigma)) for target in self._targets if target.in_use()]
 
     def _layer_spec(self, target: Target, t: int, sigma: float) -> NoiseSpec:
-        """One layer's `NoiseSpec` at step ``t``: row norms of its whole merged weight in fp32."""
-        with _whole_params(self.model, target), _no_autocast(target.base.weight):
+        """One layer's `NoiseSpec` at step ``t`` (`flatlora.noise.layer_noise_spec`): row norms of its whole
+        merged weight in fp32, seed from ``(config.seed, t, noise_rank, target.index)``."""
+        with _fsdp.whole_params(self.model, target), _no_autocast(target.base.weight):
             w = target.merged_weight()
-        return NoiseSpec(layer_seed(self.config.seed, t, self.rank, target.index), row_scale(w, sigma), tuple(w.shape))
+        return layer_noise_spec(w, sigma, seed=self.config.seed, step=t, rank=self.noise_rank, layer=target.index,
+                                keep=self.config.keep_noisy_weight)
 
     def _step_spec(self, applied: _Applied, target: Target) -> NoiseSpec:
         """The layer's spec for the applied step, computed at its first use and then reused.
@@ -238,7 +177,7 @@ class FlatLora:
                     applied.undo.append(self._apply_inplace(target, spec))
             elif sigma > 0:  # exact: each layer's spec at its first forward of the step (whole under FSDP2)
                 for target in (tg for tg in self._targets if tg.in_use()):
-                    spec = lambda target=target: self._step_spec(applied, target)  # noqa: E731
+                    spec = functools.partial(self._step_spec, applied, target)
                     applied.undo.append(self._apply_exact(target, spec))
         except BaseException:
             _undo_all(applied.undo)
@@ -258,23 +197,13 @@ class FlatLora:
         Weights are read at call time, so under FSDP2 the op sees the whole (all-gathered) weight, and
         backward (after FSDP2 has all-gathered again) regenerates the same ``E`` from the spec's seed.
         """
-        layers = self.__dict__.setdefault("_exact_layers", {})  # one route per target, reused every step
-        layer = layers.get(target)
+        layer = self._exact_layers.get(target)  # one route per target, reused every step
         if layer is None:
-            layer = layers[target] = ExactLayer(target.base, target.op, target.transposed)
-        base = target.base
-        beside = (target.quantized or target.dora_adapter() is not None or "forward" in base.__dict__
-                  or not _plain_forward(base))
-        # The spec is taken here, at perturb(), outside any torch.compile'd region: its Python (blake2b seed,
-        # merged-weight norms) cannot be traced, and a compiled forward then only reads its tensors. Under FSDP2
-        # the weights are DTensor shards until the forward all-gathers them, so there it is taken at the layer's
-        # first forward of the step (in a pre-hook when noise is added beside the layer), which a compiled model
-        # runs as a graph break (torch.compiler.disable) once per step and layer.
-        layer.begin(spec, now=not _sharded(target))
-        if beside:
-            # The output is not one base matmul (DoRA rescales it, bitsandbytes has its own kernel, another
-            # library replaced forward, a subclass such as a scaled embedding computes more than op(x, W, b)):
-            # add op(x, E) to the layer's output instead, exact on every path.
+            layer = self._exact_layers[target] = ExactLayer(target.base, target.op, target.transposed)
+        # The spec is taken now, outside any torch.compile'd region (its Python cannot be traced); under FSDP2
+        # the weights are shards until forward gathers them, so at the layer's first forward (a graph break).
+        layer.begin(spec, now=not _fsdp.sharded(target))
+        if noise_beside(target):  # the layer's output is not one base op(x, W, b): add op(x, E) to it
             handles = [target.module.register_forward_pre_hook(layer.take_spec),
                        target.module.register_forward_hook(layer.add_noise)]
 
@@ -285,6 +214,7 @@ class FlatLora:
 
             return remove
 
+        base = target.base
         base.forward = layer.forward  # an instance attribute: shadows the class's forward until deleted
 
         def unswap() -> None:
@@ -305,37 +235,15 @@ class FlatLora:
         return subtract
 
     def _check_coverage(self, t: int, sigma: float) -> None:
-        """Refuse a step that would perturb nothing, and warn (once per set of active adapters) about LoRA layers
-        holding an active adapter that were added after this `FlatLora` was built and so are not perturbed.
-
-        The model is scanned only when the active adapters differ from the last check (a scan walks every
-        module): adding an adapter only matters once it is activated, which changes them.
-        """
-        in_use = [tg for tg in self._targets if tg.in_use()]
+        """Refuse a step that would perturb nothing; warn about LoRA layers added after this `FlatLora` was built
+        (`flatlora.targets.check_coverage`). Scans the model only when the active adapters changed since the
+        last check (a scan walks every module; a new adapter only matters once activated, which changes them)."""
         key = tuple(sorted({a for tg in self._targets if tg.is_lora for a in tg.module.active_adapters}))
-        if in_use and key == self._coverage_key:
+        if key == self._coverage_key and any(tg.in_use() for tg in self._targets):
             return
-        known = {id(tg.module) for tg in self._targets}
-        active = lora_layers_with_active_adapters(self.model)
-        try:
-            fresh = find_targets(self.model, self.config.target_modules, self.config.exclude_modules)
-        except ValueError:  # nothing selectable now
-            fresh = []
-        missed = [tg.name for tg in fresh if id(tg.module) not in known and tg.in_use()]
-        if not in_use:
-            why = (f"the LoRA layers holding them ({_names(missed)}) were added after FlatLora was built: build it "
-                   "again after adding or activating adapters" if missed else
-                   f"the LoRA layers holding them ({_names(active)}) are excluded by target_modules="
-                   f"{self.config.target_modules} / exclude_modules={self.config.exclude_modules}" if active else
-                   "no LoRA layer of the model holds an active adapter")
-            raise ValueError(f"step {t}: sigma={sigma:.3g}, but none of the {len(self._targets)} layers FlatLora "
-                             f"targets holds an active adapter (active: {list(key) or 'none'}), so the step would "
-                             f"silently be plain LoRA: {why}")
+        check_coverage(self.model, self._targets, self.config.target_modules, self.config.exclude_modules,
+                       f"step {t}: sigma={sigma:.3g}", key)
         self._coverage_key = key
-        if missed:
-            warnings.warn(f"LoRA layers {_names(missed)} hold an active adapter but were added after FlatLora was "
-                          "built, so they are not perturbed; build FlatLora again to include them",
-                          RuntimeWarning, stacklevel=3)
 
     def _check_inplace(self) -> None:
         for target in self._targets:
@@ -345,7 +253,7 @@ class FlatLora:
                 why = f"is quantized ({type(w).__name__})"
             elif w.dtype != torch.float32:
                 why = f"is {w.dtype}, where adding and subtracting the noise does not cancel"
-            elif _is_dtensor(w):
+            elif _fsdp.is_dtensor(w):
                 why = "is a sharded DTensor (FSDP), which is only whole inside forward"
             elif target.dora_adapter() is not None:
                 why = "is a DoRA layer, whose weight normalisation would see the noise"
@@ -356,11 +264,6 @@ class FlatLora:
     def __repr__(self) -> str:
         return (f"FlatLora(mode={self.mode!r}, rho={self.config.rho}, schedule={self.config.schedule!r}, "
                 f"total_steps={self.total_steps}, layers={len(self._targets)})")
-
-
-def _names(names: list[str], shown: int = 4) -> str:
-    more = f" and {len(names) - shown} more" if len(names) > shown else ""
-    return ", ".join(repr(n) for n in names[:shown]) + more
 
 
 def _undo_all(undo: list[Callable[[], None]]) -> None:
@@ -374,3 +277,9 @@ def _undo_all(undo: list[Callable[[], None]]) -> None:
     undo.clear()
     if error is not None:
         raise error
+
+
+def _no_autocast(w: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off (norms in fp32 even when the first forward of a step runs under autocast)."""
+    dev = w.device.type
+    return torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else contextlib.nullcontext()

@@ -12,10 +12,9 @@ but the seed between forward and backward, and lets the in-place mode subtract w
 
 On CPU the rows are drawn, scaled and (in `add_filter_noise`) added to the weight in cache-sized blocks
 that continue one generator: the same numbers as one draw of the whole shape, without three passes over a
-full ``m x n`` buffer and without a full ``E`` beside ``W + E``. torch's CPU generator is sequential, so a draw
-runs on one core; drawing independent row ranges on other threads was sometimes faster alone but never
-inside a training step, where torch's OpenMP workers use the other cores (docs/cost.md), and was dropped.
-benchmarks/levers.py measures what each of these is worth.
+full ``m x n`` buffer and without a full ``E`` beside ``W + E``. torch's CPU generator is sequential, so each
+draw runs on the thread that asks for it, on one core: inside a training step torch's OpenMP workers keep the
+other cores busy (docs/cost.md gives the measurements, benchmarks/levers.py the benchmark).
 
 On CUDA, when Triton is importable, one kernel draws ``E`` and writes ``W + E`` (or ``W - E``, or ``E`` alone)
 in one pass from a counter-based generator (Philox keyed by the 63-bit seed, counter = the element's
@@ -265,7 +264,7 @@ class NoiseSpec:
     ``keep=True``: then the eager exact op (`flatlora.exact.PerturbedOp`) keeps forward's ``W + E`` for its
     backward instead of drawing it again, one draw per layer and micro-batch instead of two, for one
     ``W + E`` per layer held from its forward to its backward (an opt-in for CPUs, where the draw is the
-    cost: docs/cost.md; the compiled custom op redraws either way).
+    cost: docs/cost.md; ``FlatLoraConfig(keep_noisy_weight=True)``; the compiled custom op redraws either way).
     """
 
     seed: int
@@ -279,3 +278,20 @@ class NoiseSpec:
     def add_to(self, weight: torch.Tensor, *, subtract: bool = False, inplace: bool = False) -> torch.Tensor:
         """``weight +/- E`` in the weight's dtype without materialising ``E`` (see `add_filter_noise`)."""
         return add_filter_noise(weight, self.scale, self.seed, subtract=subtract, inplace=inplace)
+
+
+def layer_noise_spec(weight: torch.Tensor, sigma: float, *, seed: int, step: int, rank: int, layer: int,
+                     keep: bool = False) -> NoiseSpec:
+    """Flat-LoRA's noise convention for one layer at one step, as a `NoiseSpec`.
+
+    ``weight``: the layer's merged weight in logical layout ``(m, *fan_in)`` (read for its row norms only; any
+    dtype, taken in fp32); ``sigma``: ``sigma_t`` of the step; ``seed``/``step``/``rank``/``layer``: the run's
+    noise seed, the optimizer step ``t``, the rank entering the seed and the layer's noise index. The spec
+    draws ``E`` of ``weight``'s shape with
+
+        E[i, ...] ~ N(0, sigma^2 ||W[i, :]||^2 / n I),   from the 63-bit seed layer_seed(seed, step, rank, layer)
+
+    (`row_scale`, `layer_seed`). The training engine (`flatlora.FlatLora`) and the sharpness diagnostics
+    (`flatlora.analysis`) both build their specs here, so they draw the same ``E`` for the same four integers.
+    """
+    return NoiseSpec(layer_seed(seed, step, rank, layer), row_scale(weight, sigma), tuple(weight.shape), keep)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from ._quantized import dequantize, is_quantized
-from .exact import Op
+from .ops import Op
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -234,3 +235,37 @@ def find_targets(model: nn.Module, target_modules: Iterable[str] | None = None,
             f"no layer matches target_modules={list(target_modules) if target_modules is not None else None} "
             f"minus exclude_modules={list(exclude_modules)} ({n_lora} LoRA layers in the model)")
     return found
+
+
+def check_coverage(model: nn.Module, targets: list[Target], target_modules: Iterable[str] | None,
+                   exclude_modules: Iterable[str], where: str, active: tuple[str, ...]) -> None:
+    """Raise ``ValueError`` when none of ``targets`` holds an active adapter (the step would silently be plain
+    LoRA), saying why; warn when LoRA layers holding an active adapter are not among ``targets`` because they
+    were added after ``targets`` were found (``find_targets`` with the same patterns selects them now).
+
+    ``where`` starts the error message (the step and sigma); ``active``: the model's active adapter names.
+    """
+    known = {id(tg.module) for tg in targets}
+    try:
+        fresh = find_targets(model, target_modules, exclude_modules)
+    except ValueError:  # nothing selectable now
+        fresh = []
+    missed = [tg.name for tg in fresh if id(tg.module) not in known and tg.in_use()]
+    if not any(tg.in_use() for tg in targets):
+        holders = lora_layers_with_active_adapters(model)
+        why = (f"the LoRA layers holding them ({_names(missed)}) were added after FlatLora was built: build it "
+               "again after adding or activating adapters" if missed else
+               f"the LoRA layers holding them ({_names(holders)}) are excluded by target_modules="
+               f"{target_modules} / exclude_modules={exclude_modules}" if holders else
+               "no LoRA layer of the model holds an active adapter")
+        raise ValueError(f"{where}, but none of the {len(targets)} layers FlatLora targets holds an active adapter "
+                         f"(active: {list(active) or 'none'}), so the step would silently be plain LoRA: {why}")
+    if missed:
+        warnings.warn(f"LoRA layers {_names(missed)} hold an active adapter but were added after FlatLora was "
+                      "built, so they are not perturbed; build FlatLora again to include them",
+                      RuntimeWarning, stacklevel=4)
+
+
+def _names(names: list[str], shown: int = 4) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(repr(n) for n in names[:shown]) + more

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from conftest import ToyMLP, batch_for, loss_of
+from kit.models import ToyMLP, batch_for, loss_of
 from flatlora import FlatLora, FlatLoraConfig
 from flatlora.alora import attach_gates, detach_gates, export_adapter, gated_layers
 from flatlora.alora.gates import gate_of

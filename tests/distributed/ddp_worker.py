@@ -79,7 +79,7 @@ def run(scenario: str, rank: int, world: int) -> dict:
         opt.step()
         opt.zero_grad()
     return dict(losses=losses, adapters=adapters(model), base_start=start, base_end=base_state(model),
-                probe=probe, merged_last=merged_last, noise_rank=flat.rank, world=world,
+                probe=probe, merged_last=merged_last, noise_rank=flat.noise_rank, world=world,
                 sigma_last=flat.sigma(STEPS), targets=flat.targets)
 
 

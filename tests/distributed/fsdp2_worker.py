@@ -68,7 +68,7 @@ def collect(rank: int, world: int) -> dict:
                 (loss / MICRO).backward()
         grads = {n: full(p.grad) for n, p in model.named_parameters() if p.grad is not None}
         model.zero_grad(set_to_none=True)
-        result[name] = dict(specs=specs, grads=grads, noise_rank=flat.rank, targets=flat.targets,
+        result[name] = dict(specs=specs, grads=grads, noise_rank=flat.noise_rank, targets=flat.targets,
                             swapped=[n for n, m in model.named_modules() if "forward" in m.__dict__])
     result["shards_unchanged"] = all(torch.equal(p.to_local(), shards[n])
                                      for n, p in model.named_parameters() if not p.requires_grad)

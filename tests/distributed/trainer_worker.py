@@ -76,7 +76,7 @@ def run(world: int, accum: int, same_noise: bool) -> dict:
     return dict(world=trainer.args.world_size, max_steps=trainer.state.max_steps, steps=rec.steps,
                 clean_begin=rec.clean_begin, perturbed_pre_opt=rec.perturbed_pre_opt, clean_pre_opt=rec.clean_pre_opt,
                 probe=rec.probe, merged_last=rec.merged_last, model_type=rec.model_type,
-                flat_model_type=type(flat_cb.flat.model).__name__, noise_rank=flat_cb.flat.rank,
+                flat_model_type=type(flat_cb.flat.model).__name__, noise_rank=flat_cb.flat.noise_rank,
                 total_steps=flat_cb.flat.total_steps, micro_losses=micro_losses,
                 adapters=adapters(model), base_start=rec.start, base_end=base_state(model),
                 is_perturbed_after=flat_cb.flat.is_perturbed)

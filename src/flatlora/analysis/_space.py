@@ -5,12 +5,13 @@ A point of a space is the model's current weights plus an *offset*: a list of te
 * ``full``: one coordinate per LoRA layer (`flatlora.targets.find_targets`): the merged weight
   ``W = W_base + delta`` (DoRA: its own merged weight) in logical layout ``(out, *fan_in)``. The loss at
   ``W + D`` is computed with a forward hook on the LoRA layer that adds ``op(x, D)`` to the layer's output
-  (``F.linear(x, D)``, the layer's convolution with ``D``, or the lookup ``D[x]``): the layer's own output is
-  ``op(x, W, b)`` whatever its implementation (LoRA, DoRA, AdaLoRA, a bitsandbytes kernel), and ``op`` is
-  linear in the weight, so the sum is ``op(x, W + D, b)`` exactly. This is the core engine's exact mode for
-  DoRA/bitsandbytes layers, used here for every layer: nothing is written, removing the hooks restores the
-  model. Because ``D`` enters the graph as an ordinary tensor, autograd gives ``dL/dW`` (a zero offset with
-  ``requires_grad``) and, by double backward, Hessian-vector products ``d/dD (dL/dD . v)``.
+  (`flatlora.ops.Op.offset_output`: ``F.linear(x, D)``, the layer's convolution with ``D``, or the lookup
+  ``D[x]``): the layer's own output is ``op(x, W, b)`` whatever its implementation (LoRA, DoRA, AdaLoRA, a
+  bitsandbytes kernel), and ``op`` is linear in the weight, so the sum is ``op(x, W + D, b)`` exactly. This is
+  the core engine's exact mode for DoRA/bitsandbytes layers, used here for every layer: nothing is written,
+  removing the hooks restores the model. Because ``D`` enters the graph as an ordinary tensor, autograd gives
+  ``dL/dW`` (a zero offset with ``requires_grad``) and, by double backward, Hessian-vector products
+  ``d/dD (dL/dD . v)``.
 * ``lora``: one coordinate per adapter parameter of those layers (``lora_A``/``lora_B``, AdaLoRA's
   ``lora_E``, DoRA's magnitude; active adapters only). The loss at ``theta + d`` is evaluated with
   ``torch.func.functional_call``, which swaps the module's parameter entries for ``theta + d`` during the
@@ -27,7 +28,6 @@ import math
 from typing import Callable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -87,19 +87,6 @@ def _layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
         if key in kwargs:
             return kwargs[key]
     return next(iter(kwargs.values()))
-
-
-def offset_output(target: Target, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """``op(x, D)``: what an offset ``D`` (logical layout) of the layer's weight adds to its output.
-
-    The embedding lookup is plain (no ``padding_idx``), so the padding row's derivative is the true one.
-    """
-    if target.kind == "embedding":
-        return F.embedding(x, d)
-    d = d.to(x.dtype)
-    if target.kind == "linear":
-        return F.linear(x, d)
-    return target.base._conv_forward(x, d, None)
 
 
 class Space:
@@ -188,7 +175,7 @@ class Space:
                 def add(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor,
                         target: Target = target, d: torch.Tensor | NoiseSpec = d) -> torch.Tensor:
                     dd = d.sample() if isinstance(d, NoiseSpec) else d
-                    return output + offset_output(target, _layer_input(args, kwargs), dd).to(output.dtype)
+                    return output + target.op.offset_output(_layer_input(args, kwargs), dd).to(output.dtype)
 
                 handles.append(target.module.register_forward_hook(add, with_kwargs=True))
             yield

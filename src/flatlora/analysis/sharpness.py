@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .._jsonio import to_jsonable
-from ..noise import NoiseSpec, layer_seed, row_scale
+from ..noise import NoiseSpec, layer_noise_spec
 from ._progress import bar
 from ._space import LossFn, Objective, Space, check_batches, check_count, check_positive, check_space, norm, scale
 
@@ -67,27 +67,23 @@ class SamSharpness:
         return to_jsonable(asdict(self))
 
 
-def _noise_specs(space: Space, scales: list[tuple], sample: int, seed: int) -> list[NoiseSpec]:
-    """Sample ``sample`` of Flat-LoRA's noise: one lazily drawn `NoiseSpec` per LoRA layer, with the core
-    engine's seeds ``layer_seed(seed, step=sample, rank=0, layer=target.index)``."""
-    return [NoiseSpec(layer_seed(seed, sample, 0, t.index), s, shape) for t, (s, shape) in zip(space.targets, scales)]
-
-
-def _row_scales(space: Space, rho: float) -> list[tuple]:
-    """``(rho ||W[i, :]|| / sqrt(n)  (m,) fp32, shape)`` of every merged weight, read once."""
-    out = []
+def _noise_samples(space: Space, rho: float, seed: int, samples: Sequence[int]) -> list[list[NoiseSpec]]:
+    """``out[i][j]``: layer ``j``'s `NoiseSpec` of sample ``samples[i]``, the core engine's noise of step
+    ``samples[i]`` at ``sigma = rho`` on rank 0 (`flatlora.noise.layer_noise_spec`). Each merged weight is read
+    once; the specs keep its ``(m,)`` row std only and are drawn lazily, one layer at a time."""
+    per_layer = []
     for target in space.targets:
         w = target.merged_weight()
-        out.append((row_scale(w, rho), tuple(w.shape)))
-    return out
+        per_layer.append([layer_noise_spec(w, rho, seed=seed, step=k, rank=0, layer=target.index) for k in samples])
+    return [list(specs) for specs in zip(*per_layer)]
 
 
 def flat_lora_noise(model: nn.Module, rho: float, sample: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """Materialise sample ``sample`` (>= 1) of the noise `expected_sharpness` uses: ``{layer name: E}`` (fp32,
     logical layout), equal to Flat-LoRA's noise of step ``sample`` at constant ``sigma = rho``."""
     space = Space(model, "full")
-    specs = _noise_specs(space, _row_scales(space, check_positive("rho", rho)), check_count("sample", sample),
-                         check_count("seed", seed, 0))
+    rho, sample = check_positive("rho", rho), check_count("sample", sample)
+    specs, = _noise_samples(space, rho, check_count("seed", seed, 0), [sample])
     return {t.name: spec.sample() for t, spec in zip(space.targets, specs)}
 
 
@@ -111,8 +107,7 @@ def expected_sharpness(model: nn.Module, loss_fn: LossFn, batches: Sequence, rho
     with bar(progress, (n_samples + 1) * len(batches), "expected sharpness") as pbar:
         obj = Objective(space, loss_fn, batches, pbar)
         base = obj.value()
-        scales = _row_scales(space, rho)
-        samples = [obj.value(_noise_specs(space, scales, k, seed)) - base for k in range(1, n_samples + 1)]
+        samples = [obj.value(specs) - base for specs in _noise_samples(space, rho, seed, range(1, n_samples + 1))]
     mean = math.fsum(samples) / n_samples
     if n_samples > 1:
         var = math.fsum((s - mean) ** 2 for s in samples) / (n_samples - 1)

@@ -9,6 +9,7 @@ the run folder as ``config.yaml``, which loads back to the same config.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,8 +63,9 @@ class ExperimentConfig(dio.DataclassIO):
         from .methods import METHODS
         from .tasks import validate_config
 
-        for name in ("methods", "seeds", "ranks", "severities", "corruptions"):
-            v = getattr(self, name)
+        hints = typing.get_type_hints(type(self))
+        for name in [f.name for f in dataclasses.fields(self) if typing.get_origin(hints[f.name]) is list]:
+            v = getattr(self, name)  # every list field (a task's own too) also takes one value
             if isinstance(v, (str, int)):
                 v = [v]
             setattr(self, name, list(v))

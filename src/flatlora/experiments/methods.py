@@ -1,8 +1,9 @@
-"""The compared methods: how the adapter is initialised and how one optimizer step computes its gradients.
+"""The compared methods (`METHODS`) and how one optimizer step computes their gradients (`Method`).
 
 A method is an initialisation (``lora``: PEFT's default, ``lora-ga``: PEFT's LoRA-GA from gradient SVD,
 ``adalora``: PEFT's AdaLoRA, ``alora``: PEFT LoRA at rank ``2r`` gated to ``r`` open ranks per module and
-reallocated by `flatlora.alora.ALoRA`) combined with a gradient rule:
+reallocated by `flatlora.alora.ALoRA`; built and saved by `flatlora.experiments.adapters`) combined with a
+gradient rule:
 
 * ``plain``: ``g = grad L(W)``.
 * ``flat`` (Flat-LoRA, through the public `flatlora.FlatLora` API): ``g = grad L(W + E_t)`` with the
@@ -27,7 +28,6 @@ optimizer and the schedule, calls `Method.after_step`, and zeroes the gradients;
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -60,7 +60,6 @@ _SPECS = [
     MethodSpec("eflat-lora", "lora", "eflat", "EFlat-LoRA: SAM's full-weight perturbation on B, EMA-reused (one pass)"),
 ]
 METHODS: dict[str, MethodSpec] = {s.name: s for s in _SPECS}
-LORA_GA_BATCHES = 8  # training batches whose accumulated gradient initialises LoRA-GA
 ALORA_HELDOUT = 32  # held-out examples of ALoRA's scores (the paper: one validation batch of 32)
 
 
@@ -87,60 +86,7 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
-# --- building the PEFT model ---------------------------------------------------------------------------
-def build_peft_model(task: Any, cfg: Any, method: str, rank: int, seed: int, total_steps: int,
-                     train_batches: Callable[[], list[dict]], device: torch.device | str = "cpu") -> nn.Module:
-    """Backbone + adapter for ``method``; identical initial adapter for every method with the same init."""
-    from peft import get_peft_model
-
-    spec = get_method(method)
-    base = task.build_model(cfg, seed).to(device)
-    kw = dict(task.lora_kwargs(cfg))
-    common = dict(lora_alpha=cfg.alpha_over_rank * rank, lora_dropout=cfg.lora_dropout, **kw)
-    with seeded(20_000 + seed):
-        if spec.init == "lora":
-            from peft import LoraConfig
-
-            model = get_peft_model(base, LoraConfig(r=rank, **common))
-        elif spec.init == "lora-ga":
-            from peft import LoraConfig, LoraGAConfig, preprocess_loraga
-
-            lcfg = LoraConfig(r=rank, init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig(), **common)
-            batches = train_batches()
-
-            def grad_step() -> None:
-                for batch in batches:
-                    with torch.enable_grad():
-                        task.loss(base, batch).backward()
-
-            preprocess_loraga(base, lcfg, grad_step)
-            model = get_peft_model(base, lcfg)
-            for p in base.parameters():  # drop gradients left on the frozen backbone by the estimate
-                p.grad = None
-        elif spec.init == "adalora":
-            from peft import AdaLoraConfig
-
-            t = max(total_steps, 3)
-            model = get_peft_model(base, AdaLoraConfig(
-                init_r=math.ceil(1.5 * rank), target_r=rank, total_step=t, tinit=t // 10, tfinal=t // 5,
-                deltaT=max(1, t // 20), **common))
-        elif spec.init == "alora":  # slots 0..r-1 open, r..2r-1 the reserve; scaling alpha/r as LoRA's
-            from peft import LoraConfig
-
-            from ..alora import attach_gates
-
-            common["lora_alpha"] = cfg.alpha_over_rank * 2 * rank
-            model = get_peft_model(base, LoraConfig(r=2 * rank, **common))
-            attach_gates(model, init_rank=rank)
-        else:  # pragma: no cover - the registry holds only these
-            raise ValueError(f"unknown init {spec.init!r}")
-        if spec.rule == "bi-lora":  # the primary adapter is LoRA's (same draws); the auxiliary one comes after
-            from .peers import add_auxiliary_adapter
-
-            add_auxiliary_adapter(model)
-    return model
-
-
+# --- ALoRA: held-out scoring examples and the schedule --------------------------------------------
 def heldout_examples(task: Any, cfg: Any, n: int | None = None) -> Any:
     """``n`` examples of the training pool that the run never trains on, for ALoRA's scores.
 
@@ -150,8 +96,6 @@ def heldout_examples(task: Any, cfg: Any, n: int | None = None) -> Any:
     validation batch; the tasks have no validation split, and taking examples out of the training set would
     change the data of the ALoRA rows only.
     """
-    import torch
-
     n = ALORA_HELDOUT if n is None else n
     if cfg.train_size is None:
         raise ValueError("ALoRA scores ranks on held-out examples of the training pool: set train_size (the whole "
@@ -173,54 +117,6 @@ def alora_config(rank: int, total_steps: int, steps_per_epoch: int, seed: int) -
     warm, every = max(1, steps_per_epoch), max(1, round(0.25 * steps_per_epoch))
     rounds = sum(1 for k in range(8) if warm + k * every < total_steps)
     return ALoRAConfig(init_rank=rank, warmup_steps=warm, interval_steps=every, rounds=rounds, seed=seed)
-
-
-def save_adapter(model: nn.Module, method: str, path: str, initial_dir: str | None) -> None:
-    """``save_pretrained`` (safetensors). LoRA-GA rewrote the base weights, so its adapter is converted to a
-    plain LoRA adapter of rank 2r that loads on the unmodified backbone (PEFT's weight conversion)."""
-    spec = get_method(method)
-    if spec.init == "lora-ga":
-        model.save_pretrained(path, path_initial_model_for_weight_conversion=initial_dir)
-        _add_missing_modules_to_save(model, path)
-    elif spec.init == "alora":  # the open ranks only, per-module ranks in rank_pattern
-        from ..alora import export_adapter
-
-        export_adapter(model, path)
-    elif spec.rule == "bi-lora":  # never the auxiliary adapter (Method.finish deletes it; this is a safeguard)
-        model.save_pretrained(path, selected_adapters=["default"])
-    else:
-        model.save_pretrained(path)
-
-
-def _add_missing_modules_to_save(model: nn.Module, path: str) -> None:
-    """PEFT 0.21's weight conversion keeps only lora_A/lora_B tensors and drops the trained head
-    (``modules_to_save``); write those tensors back into the converted adapter file."""
-    import os
-
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import load_file, save_file
-
-    file = os.path.join(path, "adapter_model.safetensors")
-    saved = load_file(file)
-    extra = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()
-             if "lora_" not in k and k not in saved}
-    if extra:
-        save_file({**saved, **extra}, file + ".tmp", metadata={"format": "pt"})
-        os.replace(file + ".tmp", file)
-
-
-def save_initial_adapter(model: nn.Module, method: str, path: str) -> str | None:
-    """LoRA-GA only: store the initial adapter, needed to convert the trained one (see `save_adapter`)."""
-    if get_method(method).init != "lora-ga":
-        return None
-    cfg = model.peft_config["default"]
-    init = cfg.init_lora_weights
-    cfg.init_lora_weights = True  # PEFT's recipe: the initial adapter is saved as a plain LoRA init
-    try:
-        model.save_pretrained(path)
-    finally:
-        cfg.init_lora_weights = init
-    return path
 
 
 # --- gradient rules ------------------------------------------------------------------------------------
@@ -386,5 +282,17 @@ def _lora_base_layers(model: nn.Module) -> list[nn.Module]:
     return [m.get_base_layer() for m in model.modules() if isinstance(m, LoraLayer)]
 
 
-__all__ = ["METHODS", "Method", "MethodSpec", "alora_config", "build_peft_model", "get_method", "heldout_examples",
-           "paired_baseline", "save_adapter", "save_initial_adapter", "seeded"]
+# building and saving the PEFT model live in .adapters; these names stay importable from here
+_ADAPTER_NAMES = ("LORA_GA_BATCHES", "build_peft_model", "save_adapter", "save_initial_adapter")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ADAPTER_NAMES:
+        from . import adapters
+
+        return getattr(adapters, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["METHODS", "Method", "MethodSpec", "alora_config", "get_method", "heldout_examples", "paired_baseline",
+           "seeded"]

@@ -8,26 +8,35 @@ seeded per ``(seed, step)``), so differences between methods are differences of 
 Schedule: AdamW, linear warm-up for ``warmup_ratio`` of the steps, then linear decay to 0; gradient
 clipping at ``max_grad_norm``. Measured per run: step times (the first step, which includes one-off
 allocations, is left out of the mean), peak memory (CUDA: ``max_memory_allocated``; CPU: the process's
-peak resident set size sampled every 20 ms during training), and after training, in eval mode: in-domain
-test accuracy, every out-of-domain set, and the clean loss on up to ``train_loss_size`` training examples.
+peak resident set size sampled every 20 ms during training; both in `.measure`), and after training, in eval
+mode: in-domain test accuracy, every out-of-domain set, and the clean loss on up to ``train_loss_size``
+training examples.
+
+`train_run` reads as its steps: `_RunData.load` (data, step count, example order), `build_peft_model` (model
+and method's initialisation), `_Training.setup` (optimizer, schedule, gradient rule), `_train_loop`,
+`evaluate_all`, and `_save_run` (adapter, curve.json, run.json), timed by a `.measure.Stopwatch`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-import os
-import threading
+import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
+from torch import nn
 
+from .._stats import mean
+from .adapters import LORA_GA_BATCHES, build_peft_model, save_adapter, save_initial_adapter
 from .config import ExperimentConfig
-from .methods import (Method, build_peft_model, get_method, heldout_examples, save_adapter, save_initial_adapter,
-                      seeded)
+from .measure import PeakMemory, Stopwatch, timings
+from .methods import Method, MethodSpec, get_method, heldout_examples, seeded
 from .runs import ADAPTER_DIR, CURVE_FILE, RUN_FILE, atomic_dir, write_json_atomic
-from .tasks import TensorData, get_task, to_device
+from .tasks import Splits, Task, TensorData, get_task, to_device
 
 
 def resolve_device(cfg: ExperimentConfig) -> torch.device:
@@ -55,48 +64,6 @@ def batch_order(n: int, batch_size: int, steps: int, seed: int) -> list[torch.Te
     return out[:steps]
 
 
-class PeakMemory:
-    """Peak memory during a block: CUDA allocator peak, or sampled peak RSS of this process (MiB)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.peak_mib = math.nan
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    @staticmethod
-    def rss_mib() -> float:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
-        except (OSError, ValueError):
-            import resource
-
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-    def __enter__(self) -> "PeakMemory":
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self.peak_mib = self.rss_mib()
-
-            def sample() -> None:
-                while not self._stop.wait(0.02):
-                    self.peak_mib = max(self.peak_mib, self.rss_mib())
-
-            self._thread = threading.Thread(target=sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.device.type == "cuda":
-            self.peak_mib = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak_mib = max(self.peak_mib, self.rss_mib())
-
-
 def _lr_lambda(steps: int, warmup_ratio: float) -> Callable[[int], float]:
     warm = int(round(warmup_ratio * steps))
 
@@ -116,7 +83,7 @@ def evaluate_all(task: Any, model: torch.nn.Module, splits: Any, cfg: Experiment
     train = task.evaluate(model, splits.train.head(cfg.train_loss_size), cfg, device)
     metrics: dict[str, Any] = {
         "test_accuracy": test["accuracy"], "test_loss": test["loss"], "n_test": test["n"],
-        "ood_accuracy": (sum(v["accuracy"] for v in ood.values()) / len(ood)) if ood else math.nan,
+        "ood_accuracy": mean([v["accuracy"] for v in ood.values()]) if ood else math.nan,
         "ood": {k: v["accuracy"] for k, v in ood.items()},
         "ood_loss": {k: v["loss"] for k, v in ood.items()},
         "n_ood": {k: v["n"] for k, v in ood.items()},
@@ -125,110 +92,173 @@ def evaluate_all(task: Any, model: torch.nn.Module, splits: Any, cfg: Experiment
     for group, names in task.ood_groups(cfg).items():
         accs = [metrics["ood"][n] for n in names if n in metrics["ood"]]
         if accs:
-            metrics.setdefault("ood_groups", {})[group] = sum(accs) / len(accs)
+            metrics.setdefault("ood_groups", {})[group] = mean(accs)
     return metrics
 
 
+# --- set-up: the data and the training state ----------------------------------------------------------
+@dataclass
+class _RunData:
+    """The data side of one run: the task's splits, the step count and each step's example indices (a function
+    of ``seed`` only, so every method draws the same order)."""
+
+    cfg: ExperimentConfig
+    task: Task
+    device: torch.device
+    splits: Splits
+    steps: int
+    order: list[torch.Tensor]
+
+    @classmethod
+    def load(cls, cfg: ExperimentConfig, seed: int) -> "_RunData":
+        task = get_task(cfg.task)
+        device = resolve_device(cfg)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        splits = task.splits(cfg)
+        steps = total_steps(cfg, len(splits.train))
+        return cls(cfg, task, device, splits, steps, batch_order(len(splits.train), cfg.batch_size, steps, seed))
+
+    @property
+    def n_train(self) -> int:
+        return len(self.splits.train)
+
+    def collate(self, data: TensorData) -> dict:
+        return to_device(self.task.collate(data, self.cfg), self.device)
+
+    def batch(self, idx: torch.Tensor) -> dict:
+        """The training batch of the examples ``idx``, on the device."""
+        return self.collate(self.splits.train.take(idx))
+
+    def ga_batches(self) -> list[dict]:
+        """The first training batches, whose accumulated gradient initialises LoRA-GA."""
+        return [self.batch(idx) for idx in self.order[:LORA_GA_BATCHES]]
+
+    def heldout(self) -> list[dict]:
+        """ALoRA's scoring batch: training-pool examples the run never trains on."""
+        return [self.collate(heldout_examples(self.task, self.cfg))]
+
+
+@dataclass
+class _Training:
+    """What the loop steps: the model's trainable parameters, AdamW with its warm-up/decay schedule, and the
+    method's gradient rule."""
+
+    params: list[nn.Parameter]
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    runner: Method
+
+    @classmethod
+    def setup(cls, model: nn.Module, spec: MethodSpec, data: _RunData, seed: int) -> "_Training":
+        cfg = data.cfg
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(data.steps, cfg.warmup_ratio))
+        runner = Method(spec, model, data.task.loss, total_steps=data.steps, seed=seed, rho=cfg.flat_rho(),
+                        sam_rho=cfg.sam_rho, sam_w_rho=cfg.sam_w_rho, heldout=data.heldout,
+                        steps_per_epoch=math.ceil(data.n_train / cfg.batch_size))
+        return cls(params, opt, sched, runner)
+
+    def step(self, t: int, batch: dict, seed: int, max_grad_norm: float) -> float:
+        """One optimizer step ``t``; returns the training loss of its first pass."""
+        with seeded(1_000_003 * seed + t):  # dropout masks: a function of (seed, step) only
+            loss = self.runner.grads(t, batch)
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, max_grad_norm)
+        self.opt.step()
+        self.sched.step()
+        self.runner.after_step(t, self.opt)
+        self.opt.zero_grad(set_to_none=True)
+        return loss
+
+
+# --- the loop ---------------------------------------------------------------------------------------------
+def _train_loop(data: _RunData, training: _Training, seed: int, label: str,
+                tick: Callable[[float], None]) -> tuple[dict[str, list], list[float]]:
+    """Every optimizer step of the run; returns the training curve and the wall time of each step."""
+    curve: dict[str, list] = {"step": [], "loss": [], "lr": [], "sigma": []}
+    step_times: list[float] = []
+    for t, idx in enumerate(data.order, start=1):
+        batch = data.batch(idx)
+        t0 = time.perf_counter()
+        lr = training.sched.get_last_lr()[0]
+        loss = training.step(t, batch, seed, data.cfg.max_grad_norm)
+        if data.device.type == "cuda":
+            torch.cuda.synchronize(data.device)
+        step_times.append(time.perf_counter() - t0)
+        if not math.isfinite(loss):
+            raise ValueError(f"{label}: the training loss is {loss} at step {t}; lower --lr or rho")
+        for key, value in zip(curve, (t, loss, lr, training.runner.sigma(t))):
+            curve[key].append(value)
+        tick(loss)
+    return curve, step_times
+
+
+@contextlib.contextmanager
+def _progress(show: bool, steps: int, label: str) -> Iterator[Callable[[float], None]]:
+    """A tqdm bar over the steps (``show``), updated by calling the yielded function with each step's loss."""
+    if not show:
+        yield lambda loss: None
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=steps, desc=label, unit="step", leave=False, dynamic_ncols=True)
+
+    def tick(loss: float) -> None:
+        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        bar.update(1)
+
+    try:
+        yield tick
+    finally:
+        bar.close()
+
+
+# --- persistence ------------------------------------------------------------------------------------------
+def _save_run(tmp: Path, model: nn.Module, method: str, initial_dir: str | None, curve: dict[str, list],
+              info: dict[str, Any]) -> None:
+    """The run folder's files: the trained adapter, the curve and run.json (LoRA-GA's initial adapter goes)."""
+    save_adapter(model, method, str(tmp / ADAPTER_DIR), initial_dir)
+    if initial_dir is not None:
+        shutil.rmtree(initial_dir, ignore_errors=True)
+    write_json_atomic(tmp / CURVE_FILE, curve)
+    write_json_atomic(tmp / RUN_FILE, info)
+
+
+# --- one run ----------------------------------------------------------------------------------------------
 def train_run(cfg: ExperimentConfig, method: str, rank: int, seed: int, run_dir: str | Path,
               progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train, evaluate and save one run into ``run_dir`` (atomically); returns its run.json dict."""
     spec = get_method(method)
-    task = get_task(cfg.task)
-    device = resolve_device(cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    splits = task.splits(cfg)
-    n_train = len(splits.train)
-    steps = total_steps(cfg, n_train)
-    order = batch_order(n_train, cfg.batch_size, steps, seed)
-
-    def collate(data: TensorData) -> dict:
-        return to_device(task.collate(data, cfg), device)
-
-    def ga_batches() -> list[dict]:
-        from .methods import LORA_GA_BATCHES
-
-        return [collate(splits.train.take(idx)) for idx in order[:LORA_GA_BATCHES]]
-
+    data = _RunData.load(cfg, seed)
     label = f"{cfg.method_label(method, rank)}/seed{seed}"
+    clock = Stopwatch()
     with atomic_dir(run_dir) as tmp:
-        t_build = time.perf_counter()
-        model = build_peft_model(task, cfg, method, rank, seed, steps, ga_batches, device)
-        initial_dir = save_initial_adapter(model, method, str(tmp / "initial_adapter"))
-        build_s = time.perf_counter() - t_build
-        model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        n_trainable = sum(p.numel() for p in params)
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, cfg.warmup_ratio))
-        runner = Method(spec, model, task.loss, total_steps=steps, seed=seed, rho=cfg.flat_rho(),
-                        sam_rho=cfg.sam_rho, sam_w_rho=cfg.sam_w_rho, heldout=lambda: [collate(heldout_examples(
-                            task, cfg))], steps_per_epoch=math.ceil(n_train / cfg.batch_size))
-        curve: dict[str, list] = {"step": [], "loss": [], "lr": [], "sigma": []}
-        step_times: list[float] = []
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=steps, desc=label, unit="step", leave=False, dynamic_ncols=True)
-        t_train = time.perf_counter()
-        with PeakMemory(device) as mem:
-            for t, idx in enumerate(order, start=1):
-                batch = collate(splits.train.take(idx))
-                t0 = time.perf_counter()
-                lr = sched.get_last_lr()[0]
-                with seeded(1_000_003 * seed + t):  # dropout masks: a function of (seed, step) only
-                    loss = runner.grads(t, batch)
-                if cfg.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                opt.step()
-                sched.step()
-                runner.after_step(t, opt)
-                opt.zero_grad(set_to_none=True)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                step_times.append(time.perf_counter() - t0)
-                if not math.isfinite(loss):
-                    raise ValueError(f"{label}: the training loss is {loss} at step {t}; lower --lr or rho")
-                curve["step"].append(t)
-                curve["loss"].append(loss)
-                curve["lr"].append(lr)
-                curve["sigma"].append(runner.sigma(t))
-                if bar is not None:
-                    bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-                    bar.update(1)
-        train_s = time.perf_counter() - t_train
-        runner.finish()  # Bi-LoRA: the auxiliary adapter goes before evaluation and saving
-        if bar is not None:
-            bar.close()
-        t_eval = time.perf_counter()
-        metrics = evaluate_all(task, model, splits, cfg, device)
-        eval_s = time.perf_counter() - t_eval
-        save_adapter(model, method, str(tmp / ADAPTER_DIR), initial_dir)
-        if initial_dir is not None:
-            import shutil
-
-            shutil.rmtree(initial_dir, ignore_errors=True)
-        timed = step_times[1:] or step_times
+        with clock.phase("build"):
+            model = build_peft_model(data.task, cfg, method, rank, seed, data.steps, data.ga_batches, data.device)
+            initial_dir = save_initial_adapter(model, method, str(tmp / "initial_adapter"))
+        training = _Training.setup(model, spec, data, seed)
+        with _progress(progress, data.steps, label) as tick:
+            with clock.phase("train"), PeakMemory(data.device) as mem:
+                curve, step_times = _train_loop(data, training, seed, label, tick)
+            training.runner.finish()  # Bi-LoRA: the auxiliary adapter goes before evaluation and saving
+        with clock.phase("eval"):
+            metrics = evaluate_all(data.task, model, data.splits, cfg, data.device)
         info = {
             "label": label, "task": cfg.task, "method": method, "rank": rank, "seed": seed,
-            "description": spec.description,
-            "rho": runner.rho,
-            "steps": steps, "n_train": n_train, "trainable_params": n_trainable,
-            "metrics": metrics,
-            "final_running_loss": sum(curve["loss"][-10:]) / len(curve["loss"][-10:]),
-            "timings": {"build_s": build_s, "train_s": train_s, "eval_s": eval_s,
-                        "step_s_mean": sum(timed) / len(timed), "step_s_first": step_times[0],
-                        "peak_memory_mib": mem.peak_mib, "memory_kind": "cuda_allocated" if device.type == "cuda"
-                        else "process_rss", "device": str(device), "threads": torch.get_num_threads()},
-            "config": cfg.to_dict(),
-            "versions": _versions(),
+            "description": spec.description, "rho": training.runner.rho,
+            "steps": data.steps, "n_train": data.n_train, "trainable_params": sum(p.numel() for p in training.params),
+            "metrics": metrics, "final_running_loss": mean(curve["loss"][-10:]),
+            "timings": timings(clock, step_times, mem, data.device),
+            "config": cfg.to_dict(), "versions": _versions(),
         }
-        write_json_atomic(tmp / CURVE_FILE, curve)
-        write_json_atomic(tmp / RUN_FILE, info)
+        _save_run(tmp, model, method, initial_dir, curve, info)
+    times = info["timings"]
     log(f"{label}: test acc {metrics['test_accuracy']:.4f}, ood acc {metrics['ood_accuracy']:.4f}, "
-        f"train loss {metrics['train_loss']:.4f}, {info['timings']['step_s_mean']:.3f} s/step, "
-        f"{train_s:.0f}s train + {eval_s:.0f}s eval")
+        f"train loss {metrics['train_loss']:.4f}, {times['step_s_mean']:.3f} s/step, "
+        f"{times['train_s']:.0f}s train + {times['eval_s']:.0f}s eval")
     return info
 
 

@@ -5,19 +5,20 @@
     from flatlora.train import load_recipe, train
     metrics = train(load_recipe("recipes/glue/t5-base_sst2.yaml", ["--lora.r", "16"]))
 
-Modules: `recipe` (the `Recipe` dataclass and its sections), `resolve` (file + flags -> recipe), `passthrough`
-(``lora`` -> ``LoraConfig``, ``training`` -> ``TrainingArguments``), `data` (``datasets.load_dataset`` and column
-checks), `tasks` (per task type: model class, inputs, Trainer, metric hooks), `metrics` (scikit-learn scores,
-GSM8K answer extraction), `runner` (`train`), `cli` (the sub-command). Needs the ``train`` extra
-(``pip install 'flatlora[train]'``: datasets, TRL, scikit-learn).
+Modules: `recipe` (the `Recipe` dataclass, built from dicts and YAML), `sections` (its model, task and data
+sections), `resolve` (file + flags -> recipe), `passthrough` (``lora`` -> ``LoraConfig``, ``training`` ->
+``TrainingArguments``), `data` (``datasets.load_dataset`` and column checks), `tasks` (per task type: model class,
+inputs, Trainer, metric hooks), `metrics` (scikit-learn scores, GSM8K answer extraction), `runner` (`train`), `cli`
+(the sub-command). Needs the ``train`` extra (``pip install 'flatlora[train]'``: datasets, TRL, scikit-learn).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .recipe import DataSource, DataSpec, ModelSpec, Recipe, TaskSpec
+from .recipe import Recipe
 from .resolve import load_recipe
+from .sections import DataSource, DataSpec, ModelSpec, TaskSpec
 
 __all__ = ["DataSource", "DataSpec", "ModelSpec", "Recipe", "TaskSpec", "load_recipe", "prepare", "run", "train"]
 

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .recipe import DataSource, TaskSpec, template_fields
+from .sections import DataSource, TaskSpec, template_fields
 
 if TYPE_CHECKING:
     from datasets import Dataset

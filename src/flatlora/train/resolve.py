@@ -15,7 +15,8 @@ from typing import Any
 
 from .. import _dataclass_io as dio
 from . import _types
-from .recipe import DataSource, Recipe, build, nested_class, resolve_paths
+from .recipe import Recipe, build, nested_class, resolve_paths
+from .sections import DataSource
 
 
 def parse_overrides(tokens: list[str]) -> list[tuple[str, list[str]]]:

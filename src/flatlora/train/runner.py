@@ -29,7 +29,8 @@ from typing import Any
 from .._jsonio import to_jsonable, write_json
 from . import data as data_mod
 from . import passthrough, tasks
-from .recipe import EMBEDDED_PREFIX, Recipe
+from .recipe import Recipe
+from .sections import EMBEDDED_PREFIX
 
 
 @dataclass

@@ -25,7 +25,8 @@ from .metrics import classification_metrics, exact_match
 if TYPE_CHECKING:
     from datasets import Dataset
 
-    from .recipe import Recipe, TaskSpec
+    from .recipe import Recipe
+    from .sections import TaskSpec
 
 AUTO_CLASSES = {"sequence-classification": "AutoModelForSequenceClassification", "seq2seq": "AutoModelForSeq2SeqLM",
                 "causal-lm-sft": "AutoModelForCausalLM", "image-classification": "AutoModelForImageClassification"}
@@ -177,7 +178,7 @@ def _label_word(task: "TaskSpec", label: Any) -> str:
 
 
 def _sft(task, model, tok, train, evals, names) -> TaskData:
-    from .recipe import template_fields
+    from .sections import template_fields
 
     def pairs(ds):
         return ds.map(lambda r: {"prompt": task.prompt_template.format_map(r),
