@@ -179,24 +179,15 @@ def in_step(model_name: str, rounds: int, batch: int, seq: int) -> dict:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     flat = FlatLora(model, FlatLoraConfig(rho=0.05), total_steps=2 * rounds + 2)
     draws = {"blocks (now)": noise.add_filter_noise, "parallel streams": _parallel_streams}
-    spent = {"t": 0.0}
-
-    def timed(draw):
-        def add(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return draw(*args, **kwargs)
-            finally:
-                spent["t"] += time.perf_counter() - t0
-        return add
+    timer = timing.TimedCalls()
 
     res = {n: {"noise": [], "step": []} for n in draws}
     original = noise.add_filter_noise
     try:
         for t in range(1, 2 * rounds + 3):
             name = list(draws)[t % 2]
-            noise.add_filter_noise = timed(draws[name])  # NoiseSpec.add_to looks the name up at call time
-            spent["t"] = 0.0
+            noise.add_filter_noise = timer.wrap(draws[name])  # NoiseSpec.add_to looks the name up at call time
+            timer.seconds = 0.0
             t0 = time.perf_counter()
             with flat.perturbed(t):
                 model(**data).loss.backward()
@@ -204,7 +195,7 @@ def in_step(model_name: str, rounds: int, batch: int, seq: int) -> dict:
             opt.zero_grad(set_to_none=True)
             if t > 2:  # one warm-up step each
                 res[name]["step"].append(time.perf_counter() - t0)
-                res[name]["noise"].append(spent["t"])
+                res[name]["noise"].append(timer.seconds)
     finally:
         noise.add_filter_noise = original
     return {"model": model_name, "rounds": rounds, "batch": batch, "seq": seq,

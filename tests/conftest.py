@@ -16,3 +16,13 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 @pytest.fixture(params=sorted(MODELS))
 def model_kind(request) -> str:
     return request.param
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for tests of tiny tensors: on a shared 2-core machine two threads spend more time waiting
+    than computing. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -17,7 +17,6 @@ timed too (all ``add_filter_noise`` calls).
 from __future__ import annotations
 
 import statistics
-import time
 from types import SimpleNamespace
 
 import torch
@@ -74,17 +73,8 @@ def compare(name: str, rounds: int, warmup: int = 1) -> dict:
     flat = FlatLora(model, FlatLoraConfig(rho=0.05), total_steps=total)
     flat_keep = keeping(FlatLora(model, FlatLoraConfig(rho=0.05), total_steps=total))
     original = noise.add_filter_noise
-    spent = {"t": 0.0}
+    timer = timing.TimedCalls()
     noise_ms: dict[str, list[float]] = {"flat-exact": [], "flat-exact one draw": []}
-
-    def timed(draw):
-        def add(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return draw(*args, **kwargs)
-            finally:
-                spent["t"] += time.perf_counter() - t0
-        return add
 
     def lora(t: int) -> None:
         loss(model, batch).backward()
@@ -93,14 +83,14 @@ def compare(name: str, rounds: int, warmup: int = 1) -> dict:
 
     def flat_step(label: str, engine: FlatLora):
         def step(t: int) -> None:
-            noise.add_filter_noise = timed(original)  # NoiseSpec.add_to looks it up at call time
-            spent["t"] = 0.0
+            noise.add_filter_noise = timer.wrap(original)  # NoiseSpec.add_to looks it up at call time
+            timer.seconds = 0.0
             try:
                 with engine.perturbed(t):
                     loss(model, batch).backward()
             finally:
                 noise.add_filter_noise = original
-            noise_ms[label].append(1e3 * spent["t"])
+            noise_ms[label].append(1e3 * timer.seconds)
             opt.step()
             opt.zero_grad(set_to_none=True)
         return step

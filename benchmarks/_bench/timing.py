@@ -106,3 +106,20 @@ def time_call(fn: Callable[[], object], *, repeats: int, device: torch.device) -
         synchronize(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+class TimedCalls:
+    """Wraps a function so every call adds its wall time to ``seconds`` (reset it between measurements):
+    ``noise.add_filter_noise = timer.wrap(noise.add_filter_noise)`` times the noise inside real steps."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def wrap(self, fn: Callable) -> Callable:
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t0
+        return timed

@@ -13,13 +13,7 @@ from flatlora.alora.gates import gate_of, gated_layers
 from flatlora.alora.scores import rank_scores
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread (two threads on a shared 2-core machine spend more time waiting than computing)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _g(r, open_):

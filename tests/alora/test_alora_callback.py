@@ -15,12 +15,7 @@ T = 12
 CFG = ALoRAConfig(init_rank=2, warmup_steps=4, interval_steps=3, rounds=3, ranks_per_round=2, seed=4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _setup(seed=0):

@@ -15,12 +15,7 @@ from flatlora.experiments.methods import METHODS, Method, build_peft_model, get_
 LR, STEPS = 0.4, 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Tiny(nn.Module):

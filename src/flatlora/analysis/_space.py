@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .._checks import check_batches, check_choice, check_count, check_positive  # noqa: F401  (re-exported)
+from .._checks import check_batches, check_choice
 from ..noise import NoiseSpec
 from ..targets import Target, find_targets
 

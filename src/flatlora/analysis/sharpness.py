@@ -31,7 +31,8 @@ from torch import nn
 from .._jsonio import to_jsonable
 from ..noise import NoiseSpec, layer_noise_spec
 from ._progress import bar
-from ._space import LossFn, Objective, Space, check_batches, check_count, check_positive, check_space, norm, scale
+from .._checks import check_batches, check_count, check_positive
+from ._space import LossFn, Objective, Space, check_space, norm, scale
 
 
 @dataclass(frozen=True)

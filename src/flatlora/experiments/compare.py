@@ -15,7 +15,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .config import ExperimentConfig
 from .runs import RUN_FILE, clean_stale, is_finished, run_file_error

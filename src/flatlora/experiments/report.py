@@ -17,7 +17,7 @@ from .._jsonio import as_float
 from .config import ExperimentConfig
 from .methods import paired_baseline
 from .runs import CURVE_FILE, read_json, read_run, write_json_atomic, write_text_atomic
-from .stats import mean, mean_ci, paired_diff, std
+from .stats import mean, mean_ci, paired_diff
 
 
 def collect(root: str | Path, cfg: ExperimentConfig) -> dict[str, list[dict]]:

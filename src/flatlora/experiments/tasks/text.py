@@ -16,7 +16,6 @@ import bz2
 import csv
 import functools
 import importlib.metadata as md
-import io
 import os
 from typing import Any
 
