@@ -42,13 +42,18 @@ class ConvNet(nn.Module):
         return {"logits": logits, "loss": nn.functional.cross_entropy(logits, labels)}
 
 
-def conv_model() -> nn.Module:
+def _lora_model(net: type[nn.Module], targets: list[str]) -> nn.Module:
+    """``net()`` built under seed 0 with a rank-2 PEFT LoRA on ``targets``, adapters randomised (seed 0)."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    model = get_peft_model(ConvNet(), LoraConfig(r=2, lora_alpha=4, target_modules=["conv", "fc"]))
+    model = get_peft_model(net(), LoraConfig(r=2, lora_alpha=4, target_modules=targets))
     randomize_lora(model, 0)
     return model
+
+
+def conv_model() -> nn.Module:
+    return _lora_model(ConvNet, ["conv", "fc"])
 
 
 def conv_batch(seed: int = 0) -> dict:
@@ -70,12 +75,7 @@ class EmbedNet(nn.Module):
 
 
 def embed_model() -> nn.Module:
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(0)
-    model = get_peft_model(EmbedNet(), LoraConfig(r=2, lora_alpha=4, target_modules=["emb", "fc"]))
-    randomize_lora(model, 0)
-    return model
+    return _lora_model(EmbedNet, ["emb", "fc"])
 
 
 def embed_batch(seed: int = 0) -> dict:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from kit.adapters import randomize_lora
 from kit.models import ToyMLP, batch_for, loss_of
 from flatlora import FlatLora, FlatLoraConfig
 from flatlora.alora import attach_gates, detach_gates, export_adapter, gated_layers
@@ -27,11 +28,7 @@ GATES = {"fc1": [1.0, 0.0, 1.0, 0.0], "fc2": [0.0, 1.0, 1.0, 1.0]}
 def _toy(seed=0, **kw):
     torch.manual_seed(seed)
     model = get_peft_model(ToyMLP(), LoraConfig(r=R, lora_alpha=8, target_modules=["fc1", "fc2"], **kw))
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    randomize_lora(model, seed + 1, std=0.3)
     return model
 
 

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kit.adapters import randomize_lora
 from flatlora.experiments.methods import METHODS, Method, get_method, paired_baseline, seeded
 
 
@@ -23,11 +24,7 @@ def _model(seed=0):
 
     torch.manual_seed(seed)
     model = get_peft_model(Tiny(), LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"]))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    randomize_lora(model, seed, std=0.3)
     return model
 
 
