@@ -175,7 +175,7 @@ class FlatLora:
                 applied.specs = self.noise_specs(t)  # all norms before any noise is added
                 for target, spec in applied.specs:
                     applied.undo.append(self._apply_inplace(target, spec))
-            elif sigma > 0:  # exact: each layer's spec at its first forward of the step (whole under FSDP2)
+            elif sigma > 0:  # exact: specs taken now, or at each layer's first forward under FSDP2 (_apply_exact)
                 for target in (tg for tg in self._targets if tg.in_use()):
                     spec = functools.partial(self._step_spec, applied, target)
                     applied.undo.append(self._apply_exact(target, spec))
