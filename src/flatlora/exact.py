@@ -22,6 +22,7 @@ step: the eager or the compiled op, swapped in for the base layer's forward or a
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable
 
 import torch
@@ -106,11 +107,39 @@ def _effective_weight(weight: torch.Tensor | None, spec: NoiseSpec, like: torch.
 
 
 # --- torch.compile: the custom operators of flatlora._compiled, and the eager fallback ----------------------
-@torch.compiler.disable
-def _perturbed_op_eager(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                        seed: torch.Tensor, scale: torch.Tensor, shape: tuple[int, ...], op: Op) -> torch.Tensor:
+class _OutsideGraph:
+    """``fn`` run outside any ``torch.compile`` graph (a graph break), as ``torch.compiler.disable(fn)`` would.
+
+    Not applied at import: ``torch.compiler.disable`` imports ``torch._dynamo`` (with sympy, and triton where it
+    is installed), which doubled the time and added ~140 MiB to ``import flatlora`` for users who never compile.
+    `prepare` wraps ``fn`` once ``torch._dynamo`` is loaded (``torch.compile`` loads it); `ExactLayer.begin` calls
+    it from eager code at every ``perturb``, so a traced call finds the wrapper ready. A call traced before
+    that (``torch.compile`` first used inside a perturbed step) wraps on the spot: the same numbers, one more
+    graph break.
+    """
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn, self.disabled = fn, None
+
+    def prepare(self) -> None:
+        if self.disabled is None and "torch._dynamo" in sys.modules:
+            self.disabled = torch.compiler.disable(self.fn)
+
+    def __call__(self, *args: Any) -> Any:
+        if self.disabled is not None:
+            return self.disabled(*args)
+        if torch.compiler.is_compiling():
+            return torch.compiler.disable(self.fn)(*args)
+        return self.fn(*args)
+
+
+def _perturbed_op_eager_fn(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                           seed: torch.Tensor, scale: torch.Tensor, shape: tuple[int, ...], op: Op) -> torch.Tensor:
     """The cases the custom op does not cover, outside the compiled graph (a graph break)."""
     return perturbed_op(x, weight, bias, NoiseSpec(int(seed), scale, tuple(shape)), op)
+
+
+_perturbed_op_eager = _OutsideGraph(_perturbed_op_eager_fn)
 
 
 def perturbed_op_compiled(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -135,10 +164,12 @@ def perturbed_op_compiled(x: torch.Tensor, weight: torch.Tensor | None, bias: to
 
 
 # --- one layer's route, installed by FlatLora._apply_exact -----------------------------------------------------
-@torch.compiler.disable
-def _take_spec(layer: "ExactLayer") -> None:
+def _take_spec_fn(layer: "ExactLayer") -> None:
     """Take the step's spec (Python: blake2b seed, merged-weight norms) outside any compiled graph."""
     layer.spec()
+
+
+_take_spec = _OutsideGraph(_take_spec_fn)
 
 
 class ExactLayer:
@@ -188,6 +219,8 @@ class ExactLayer:
         """Route the next forwards through the spec that ``spec_fn()`` gives (computed once per step by the
         caller); ``now``: take it at once rather than at the layer's first forward."""
         self._spec_fn, self.ready = spec_fn, False
+        _take_spec.prepare()  # eager code: ready the graph breaks before any compiled forward traces them
+        _perturbed_op_eager.prepare()
         if now:
             self.spec()
 
