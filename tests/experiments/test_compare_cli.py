@@ -27,7 +27,7 @@ def fake_training(monkeypatch):
     """Replace training by writing a run with the accuracies of ACC; returns the list of runs trained."""
     trained = []
 
-    def train_run(cfg, method, rank, seed, run_dir, progress=True, log=print):
+    def train_run(cfg, method, rank, seed, run_dir, progress=True, log=print, rho=None):
         trained.append(f"{method}/seed{seed}")
         test_acc, ood_acc = ACC[(method, seed)]
         info = {"label": f"{method}/seed{seed}", "task": cfg.task, "method": method, "rank": rank, "seed": seed,

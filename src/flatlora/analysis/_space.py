@@ -268,5 +268,26 @@ class Objective:
                 self._tick()
         return out
 
+    def hvp_central(self, v: Vector, eps: float) -> Vector:
+        """``H v ~ (g(eps v) - g(-eps v)) / (2 eps)``: central differences of exact gradients ``g = dL/d(offset)``.
+
+        Two ordinary backward passes per batch instead of one double backward (about 1.5x cheaper on MiniLM on a
+        CPU, where SDPA's math kernel has to be used for double backward); the error is ``O(eps^2)`` (third
+        derivatives) plus rounding ``O(u ||g|| / eps)``.
+        """
+        n = len(self.batches)
+        out = self.space.zeros()
+        with eval_mode(self.space.model), torch.enable_grad():
+            for batch in self.batches:
+                gs = []
+                for sign in (1.0, -1.0):
+                    z = [(sign * eps * vi.detach()).to(zi.dtype).requires_grad_() for vi, zi in zip(v, out)]
+                    loss = _scalar(self.space.loss(self.loss_fn, batch, z), "Hessian-vector product")
+                    gs.append(torch.autograd.grad(loss, z, allow_unused=True))
+                out = [o + ((gp if gp is not None else 0) - (gm if gm is not None else 0)) / (2 * eps * n)
+                       for o, gp, gm in zip(out, *gs)]
+                self._tick()
+        return out
+
 
 __all__: list[str] = []  # private plumbing of flatlora.analysis

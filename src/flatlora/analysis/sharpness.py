@@ -165,9 +165,10 @@ class SharpnessReport:
 def sharpness_report(model: nn.Module, loss_fn: LossFn, batches: Sequence, *, label: str = "model",
                      rho: float = 0.05, n_samples: int = 8, sam_rho: float = 0.05, seed: int = 0,
                      hessian_iters: int = 20, hessian_batches: int | None = None, hessian_tol: float = 1e-3,
-                     progress: bool = True) -> SharpnessReport:
+                     progress: bool = True, hessian_hvp: str = "exact") -> SharpnessReport:
     """Expected sharpness, SAM sharpness in both spaces and (``hessian_iters > 0``) the top Hessian eigenvalue
-    of the merged weights by Lanczos on the first ``hessian_batches`` batches (all when ``None``)."""
+    of the merged weights by Lanczos on the first ``hessian_batches`` batches (all when ``None``), with
+    Hessian-vector products ``hessian_hvp`` (``"exact"`` or ``"central"``, see `top_hessian_eigenvalue`)."""
     from .hessian import top_hessian_eigenvalue
 
     batches = check_batches(batches)
@@ -181,7 +182,7 @@ def sharpness_report(model: nn.Module, loss_fn: LossFn, batches: Sequence, *, la
     if hessian_iters > 0:
         hb = batches if hessian_batches is None else batches[: check_count("hessian_batches", hessian_batches)]
         eig = top_hessian_eigenvalue(model, loss_fn, hb, iters=hessian_iters, tol=hessian_tol, seed=seed,
-                                     progress=progress)
+                                     progress=progress, hvp=hessian_hvp)
     return SharpnessReport(label, expected, full, lora, eig)
 
 

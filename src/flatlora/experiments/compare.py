@@ -73,7 +73,7 @@ def plan_text(cfg: ExperimentConfig) -> str:
     from .train import total_steps
 
     task = get_task(cfg.task)
-    splits = task.splits(cfg)
+    splits = task.run_splits(cfg)
     steps = total_steps(cfg, len(splits.train))
     n_ood = {k: len(v) for k, v in splits.ood.items()}
     return (f"preset {cfg.preset!r}, task {cfg.task} ({task.description})\n"
@@ -81,8 +81,11 @@ def plan_text(cfg: ExperimentConfig) -> str:
             f"({'max_steps' if cfg.max_steps else f'{cfg.epochs:g} epochs'}), test {len(splits.test)}, "
             f"OOD {sum(n_ood.values())} over {len(n_ood)} set(s)\n"
             f"  methods {', '.join(cfg.methods)} x ranks {cfg.ranks} x seeds {cfg.seeds} "
-            f"= {len(cfg.run_labels())} runs; flat-lora rho {cfg.flat_rho()}, lora-sam rho {cfg.sam_rho}, "
-            f"sam-w rho {cfg.sam_w_rho}, lr {cfg.lr}")
+            f"= {len(cfg.run_labels())} runs; flat-lora rho {', '.join(f'{r:g}' for r in cfg.flat_rhos())}, "
+            f"lora-sam rho {cfg.sam_rho}, sam-w rho {cfg.sam_w_rho}, lr {cfg.lr}"
+            + (f"\n  label noise: {cfg.label_noise:g} of the training labels" if cfg.label_noise else "")
+            + (f"\n  flatness measured after training on {cfg.sharpness_batches} x 32 training examples"
+               if cfg.sharpness_batches else ""))
 
 
 def compare(cfg: ExperimentConfig, out: str | Path | None = None, progress: bool = True,
@@ -106,7 +109,7 @@ def compare(cfg: ExperimentConfig, out: str | Path | None = None, progress: bool
         log.info(f"removed {len(stale)} unfinished temp folder(s) of an interrupted compare")
     log.info(f"flatlora compare -> {root}\n" + plan_text(cfg))
     labels = cfg.run_labels()
-    for _, _, _, rel in labels:
+    for _, _, _, rel, _ in labels:
         problem = run_file_error(root / rel)
         if problem is not None:
             log.warning(f"warning: {root / rel / RUN_FILE} is unreadable ({problem}); the run {rel} will be re-run")
@@ -123,8 +126,8 @@ def compare(cfg: ExperimentConfig, out: str | Path | None = None, progress: bool
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning)
             warnings.filterwarnings("ignore", message=".*Already found a `peft_config`.*")
-            for method, rank, seed, rel in todo:
-                train_run(cfg, method, rank, seed, root / rel, progress=progress, log=log.info)
+            for method, rank, seed, rel, rho in todo:
+                train_run(cfg, method, rank, seed, root / rel, progress=progress, log=log.info, rho=rho)
                 if bar is not None:
                     bar.update(1)
     finally:

@@ -45,7 +45,9 @@ class ExperimentConfig(dio.DataclassIO):
     weight_decay: float = dio.help_field(0.0, "AdamW weight decay")
     warmup_ratio: float = dio.help_field(0.06, "fraction of steps with linear warm-up; then linear decay to 0")
     max_grad_norm: float = dio.help_field(1.0, "gradient clipping (0 = off)")
-    rho: float | None = dio.help_field(None, "Flat-LoRA rho (None: the task's default, 0.05 text / 0.15 vision)")
+    rho: list[float] | None = dio.help_field(
+        None, "Flat-LoRA rho (None: the task's default, 0.05 text / 0.15 vision); several values = a rho sweep, "
+              "each Flat-LoRA method then runs at each (labelled e.g. flat-lora-rho0.1) against one baseline run")
     sam_rho: float = dio.help_field(0.003, "rho of lora-sam, SAM on A and B (paper's best: 0.003)")
     sam_w_rho: float = dio.help_field(0.05, "rho of sam-w, SAM on the merged weight W (paper's best: 0.05)")
     max_length: int = dio.help_field(64, "text: tokens per example (longer ones are cut)")
@@ -56,6 +58,19 @@ class ExperimentConfig(dio.DataclassIO):
     eval_batch_size: int = dio.help_field(128, "batch size of evaluation")
     train_loss_size: int = dio.help_field(1024, "training examples on which the final (clean) train loss is measured")
     data_seed: int = dio.help_field(0, "seed of the data split and subsets (fixed across seeds and methods)")
+    label_noise: float = dio.help_field(0.0, "fraction of training labels replaced by another class, drawn once "
+                                             "from data_seed (the same for every seed and method); test and "
+                                             "out-of-domain sets stay clean")
+    sharpness_batches: int = dio.help_field(0, "after training, measure flatness on this many training batches of "
+                                               "32 (flatlora.analysis: expected and SAM sharpness, top Hessian "
+                                               "eigenvalue of the merged weights); 0 = not measured")
+    sharpness_rho: float = dio.help_field(0.5, "noise strength of the expected-sharpness probe (one value for every "
+                                               "method, so runs compare; at a converged MiniLM run 0.2 left the "
+                                               "signal below its Monte-Carlo error, 0.5 gave ~4 standard errors)")
+    sharpness_samples: int = dio.help_field(16, "noise samples of the expected sharpness")
+    sharpness_sam_rho: float = dio.help_field(0.05, "radius of the SAM-sharpness probe (full and LoRA space)")
+    hessian_iters: int = dio.help_field(8, "Lanczos steps of the top Hessian eigenvalue (on the first sharpness "
+                                           "batch; 0 = skip)")
     device: str = dio.help_field("auto", "auto (cuda if available), cpu or cuda")
     threads: int | None = dio.help_field(None, "torch CPU threads (None: torch's default)")
 
@@ -92,7 +107,25 @@ class ExperimentConfig(dio.DataclassIO):
             check_number(name, getattr(self, name), 0, above=True)
         for name in ("weight_decay", "max_grad_norm", "sam_rho", "sam_w_rho", "alpha_over_rank"):
             check_number(name, getattr(self, name), 0)
-        check_number("rho", self.rho, 0, optional=True, note=" for the task's default")
+        if isinstance(self.rho, (int, float)) and not isinstance(self.rho, bool):
+            self.rho = [self.rho]
+        if self.rho is not None:
+            self.rho = list(self.rho)
+            if not self.rho:
+                raise ValueError("rho is an empty list; give one value or more, or leave it unset for the task's "
+                                 "default")
+            for v in self.rho:
+                check_number("rho", v, 0)
+            if len(set(self.rho)) != len(self.rho):
+                raise ValueError(f"rho {self.rho} must not repeat values")
+        check_number("label_noise", self.label_noise, 0, 1)
+        if self.label_noise >= 1:
+            raise ValueError(f"label_noise={self.label_noise} must be below 1 (a fraction of the training labels)")
+        check_count("sharpness_batches", self.sharpness_batches, 0)
+        check_count("sharpness_samples", self.sharpness_samples)
+        check_count("hessian_iters", self.hessian_iters, 0)
+        for name in ("sharpness_rho", "sharpness_sam_rho"):
+            check_number(name, getattr(self, name), 0, above=True)
         check_number("model_dropout", self.model_dropout, 0, 1, optional=True)
         check_number("warmup_ratio", self.warmup_ratio, 0, 1)
         check_number("lora_dropout", self.lora_dropout, 0, 1)
@@ -101,31 +134,52 @@ class ExperimentConfig(dio.DataclassIO):
         validate_config(self)  # the task's name and the task-specific fields (max_length, image_size, ...)
 
     # --- derived values ----------------------------------------------------------------------------------
-    def flat_rho(self) -> float:
+    def flat_rhos(self) -> list[float]:
+        """The Flat-LoRA rho values of this compare (the task's default when ``rho`` is unset)."""
         from .tasks import get_task
 
-        return float(self.rho) if self.rho is not None else get_task(self.task).default_rho
+        return [float(v) for v in self.rho] if self.rho is not None else [get_task(self.task).default_rho]
 
-    def run_labels(self) -> list[tuple[str, int, int, str]]:
-        """``(method, rank, seed, relative run dir)`` of every run, in execution order (seed-major)."""
+    def run_labels(self) -> list[tuple[str, int, int, str, float]]:
+        """``(method, rank, seed, relative run dir, flat rho)`` of every run, in execution order (seed-major);
+        a method without Flat-LoRA steps runs once per rank and seed (its rho entry is the first rho)."""
+        from .methods import uses_flat_rho
+
         out = []
         for seed in self.seeds:
             for rank in self.ranks:
                 for method in self.methods:
-                    out.append((method, rank, seed, f"{self.method_label(method, rank)}/seed{seed}"))
+                    for rho in (self.flat_rhos() if uses_flat_rho(method) else self.flat_rhos()[:1]):
+                        out.append((method, rank, seed, f"{self.method_label(method, rank, rho)}/seed{seed}", rho))
         return out
 
-    def method_label(self, method: str, rank: int) -> str:
-        return method if len(self.ranks) == 1 else f"{method}-r{rank}"
+    def method_label(self, method: str, rank: int, rho: float | None = None) -> str:
+        """``method``, with ``-r<rank>`` in a rank sweep and ``-rho<rho>`` (Flat-LoRA methods) in a rho sweep."""
+        from .methods import uses_flat_rho
 
+        label = method if len(self.ranks) == 1 else f"{method}-r{rank}"
+        if rho is not None and len(self.flat_rhos()) > 1 and uses_flat_rho(method):
+            label += f"-rho{rho:g}"
+        return label
+
+
+_MAP_TEXT: dict[str, Any] = dict(train_size=256, epochs=20.0, batch_size=16, test_size=None, ood_size=2000,
+                                 max_length=32, train_loss_size=256, seeds=[0, 1, 2, 3, 4], rho=[0.05, 0.1, 0.2],
+                                 sharpness_batches=4)
 
 # Presets: named starting points. Sizes were chosen from step times measured on the 2-core machine
 # (docs/experiments.md); `flatlora compare --preset NAME --dry-run` prints the resolved config and run count.
 PRESETS: dict[str, dict[str, Any]] = {
-    # ~15 min on an idle 2-core CPU (0.63 s per LoRA step of 32 snippets of <= 32 tokens, SAM steps 2x):
-    # 4 methods x 3 seeds on 960 training snippets, 2 epochs = 60 steps per run.
-    "default": dict(name="default", train_size=960, epochs=2.0, test_size=500, ood_size=500, max_length=32,
-                    train_loss_size=256),
+    # The main job, in the regime a flatness method is for: trained to convergence (128 snippets x 20 epochs at
+    # batch 16 = 160 steps; a LoRA pilot, seed 99, reached a clean train loss of 0.003 in 200 such steps), 4
+    # methods x 5 seeds, flatness (expected and SAM sharpness) measured on every run. ~17 min on 2 idle cores
+    # (0.16 s per LoRA step, SAM steps 2x, ~12 s of evaluation and flatness per run).
+    "default": dict(name="default", train_size=128, epochs=20.0, batch_size=16, test_size=1000, ood_size=1000,
+                    max_length=32, train_loss_size=128, seeds=[0, 1, 2, 3, 4], sharpness_batches=4,
+                    hessian_iters=0),
+    # the former default: 960 snippets x 2 epochs = 60 steps, far from convergence (train loss ~0.46)
+    "short": dict(name="short", train_size=960, epochs=2.0, test_size=500, ood_size=500, max_length=32,
+                  train_loss_size=256),
     # few data, several epochs: where LoRA overfits and flatness should matter most (~9 min idle)
     "small-data": dict(name="small-data", train_size=1000, epochs=3.0, test_size=500, ood_size=500,
                        max_length=32, train_loss_size=256, methods=["lora", "flat-lora"], seeds=[0, 1, 2, 3]),
@@ -141,6 +195,21 @@ PRESETS: dict[str, dict[str, Any]] = {
     # vision default: Fashion-MNIST with corrupted test sets
     "vision": dict(name="vision", task="vision", train_size=2000, epochs=2.0, test_size=1000, ood_size=500,
                    image_size=48),
+    # --- the regime map (docs/experiments.md; pre-registered before any of its runs) -----------------------
+    # Text trained to convergence on few data: 256 snippets x 20 epochs at batch 16 = 320 steps. Chosen from LoRA
+    # pilots on seed 99 (not a study seed) by their clean train loss and cost only: batch 32 x 30 epochs reached
+    # 0.027, batch 16 reached 0.003 on 128 snippets in 200 steps at half the step time. Every run measures its
+    # flatness.
+    **{f"map-text-r{r}": dict(name=f"map-text-r{r}", ranks=[r], methods=methods, **_MAP_TEXT)
+       for r, methods in ((8, ["lora", "flat-lora", "lora-sam", "sam-w"]), (64, ["lora", "flat-lora"]))},
+    # the same text regime with 20% of the training labels flipped: where flat minima should matter most
+    "map-label-noise": dict(name="map-label-noise", **{**_MAP_TEXT, "rho": [0.05, 0.2]}, methods=["lora", "flat-lora"],
+                            label_noise=0.2),
+    # vision trained to convergence: 512 Fashion-MNIST images x 15 epochs = 240 steps (a LoRA pilot, seed 99:
+    # clean train loss 0.0002 after 20 epochs), every corruption type at every severity
+    "map-vision": dict(name="map-vision", task="vision", train_size=512, epochs=15.0, test_size=2000,
+                       ood_size=400, image_size=48, train_loss_size=512, seeds=[0, 1, 2, 3, 4], rho=[0.15, 0.3],
+                       methods=["lora", "flat-lora"], sharpness_batches=4),
     # CI: every method on a tiny subset, a few steps
     "smoke": dict(name="smoke", methods=["lora", "flat-lora", "lora-sam", "sam-w"], seeds=[0, 1], train_size=48,
                   max_steps=3, batch_size=16, test_size=32, ood_size=32, max_length=24, eval_batch_size=32,

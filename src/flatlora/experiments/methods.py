@@ -69,6 +69,11 @@ def get_method(name: str) -> MethodSpec:
     return METHODS[name]
 
 
+def uses_flat_rho(name: str) -> bool:
+    """Whether method ``name`` takes Flat-LoRA steps, so that its runs depend on the config's ``rho``."""
+    return get_method(name).rule == "flat"
+
+
 def paired_baseline(name: str) -> str | None:
     """The method a method is compared with in the paired-difference table (same data, seeds, init)."""
     if name.endswith("+flat"):
@@ -295,4 +300,4 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["METHODS", "Method", "MethodSpec", "alora_config", "get_method", "heldout_examples", "paired_baseline",
-           "seeded"]
+           "seeded", "uses_flat_rho"]

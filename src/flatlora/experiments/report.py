@@ -24,12 +24,12 @@ def collect(root: str | Path, cfg: ExperimentConfig) -> dict[str, list[dict]]:
     """run.json of every finished run of ``cfg`` under ``root``, grouped by method label, sorted by seed."""
     root = Path(root)
     out: dict[str, list[dict]] = {}
-    for method, rank, seed, rel in cfg.run_labels():
+    for method, rank, seed, rel, rho in cfg.run_labels():
         d = root / rel
         if (d / "run.json").is_file():
             info = read_run(d)
             info["_dir"] = str(d)
-            out.setdefault(cfg.method_label(method, rank), []).append(info)
+            out.setdefault(cfg.method_label(method, rank, rho), []).append(info)
     for runs in out.values():
         runs.sort(key=lambda r: r["seed"])
     return out
@@ -59,12 +59,12 @@ def summarize(runs: dict[str, list[dict]], cfg: ExperimentConfig) -> dict[str, A
         }
         methods[label] = m
     paired = []
-    for method, rank, _, _ in cfg.run_labels():
-        label = cfg.method_label(method, rank)
+    for method, rank, _, _, rho in cfg.run_labels():
+        label = cfg.method_label(method, rank, rho)
         base = paired_baseline(method)
         if base is None or base not in cfg.methods or any(p["method"] == label for p in paired):
             continue
-        base_label = cfg.method_label(base, rank)
+        base_label = cfg.method_label(base, rank, rho)
         if label not in runs or base_label not in runs:
             continue
         a = {r["seed"]: r for r in runs[label]}

@@ -157,7 +157,7 @@ def load_run(run_dir: str | Path, n_batches: int = 8, batch_size: int = 32) -> L
     base = task.build_model(cfg, int(info["seed"]))
     model = PeftModel.from_pretrained(base, str(run_dir / ADAPTER_DIR), is_trainable=False)
     model.eval()
-    train = task.splits(cfg).train.head(n_batches * batch_size)
+    train = task.run_splits(cfg).train.head(n_batches * batch_size)
     batches = [task.collate(chunk, cfg) for chunk in train.chunks(batch_size)]
     # plain cross-entropy: the loss whose landscape analysis measures (AdaLoRA's orthogonality penalty is a
     # training regulariser, and PEFT's AdaLoRA cannot compute it on an adapter loaded for inference)

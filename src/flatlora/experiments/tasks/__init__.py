@@ -91,6 +91,15 @@ class Task:
         return {}
 
     # --- shared --------------------------------------------------------------------------------------
+    def run_splits(self, cfg: Any) -> Splits:
+        """The splits a run trains and is measured on: `splits` with ``cfg.label_noise`` of the training labels
+        replaced (`flip_labels`, drawn from ``cfg.data_seed``); test and out-of-domain sets are untouched."""
+        splits = self.splits(cfg)
+        if not getattr(cfg, "label_noise", 0.0):
+            return splits
+        labels = flip_labels(splits.train.tensors["labels"], cfg.label_noise, self.num_labels, cfg.data_seed)
+        return Splits(TensorData({**splits.train.tensors, "labels": labels}), splits.test, splits.ood)
+
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The training loss of one batch (a scalar tensor); by default `ce_loss`."""
         return self.ce_loss(model, batch)
@@ -111,6 +120,23 @@ class Task:
             correct += (logits.argmax(-1) == batch["labels"]).sum().item()
             n += len(chunk)
         return {"accuracy": correct / max(n, 1), "loss": loss_sum / max(n, 1), "n": n}
+
+
+def flip_labels(labels: torch.Tensor, fraction: float, num_classes: int, seed: int) -> torch.Tensor:
+    """Symmetric label noise: a copy of ``labels`` (shape ``(n,)``, ints in ``[0, num_classes)``) in which exactly
+    ``round(fraction * n)`` examples, chosen by a seeded permutation, get a different class drawn uniformly from
+    the other ``num_classes - 1`` (binary: the label is flipped). Deterministic in ``seed``; never in place."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"label noise fraction={fraction} must be in [0, 1)")
+    if num_classes < 2:
+        raise ValueError(f"num_classes={num_classes}: label noise needs at least 2 classes")
+    gen = torch.Generator().manual_seed(int(seed) + 424_242)
+    n = len(labels)
+    picked = torch.randperm(n, generator=gen)[: round(fraction * n)]
+    shift = torch.randint(1, num_classes, (len(picked),), generator=gen)  # 1..C-1: never the same class
+    out = labels.clone()
+    out[picked] = (labels[picked] + shift) % num_classes
+    return out
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
@@ -153,5 +179,5 @@ def validate_config(cfg: Any) -> None:
         task_class(name).validate(cfg)
 
 
-__all__ = ["Splits", "Task", "TensorData", "TASKS", "get_task", "init_linear_", "task_class", "to_device",
+__all__ = ["Splits", "Task", "TensorData", "TASKS", "flip_labels", "get_task", "init_linear_", "task_class", "to_device",
            "validate_config"]
