@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.flatlora-installed
 
-.PHONY: setup demo compare test test-distributed bench clean
+.PHONY: setup demo map compare test test-distributed bench clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,13 @@ $(STAMP): pyproject.toml constraints.txt scripts/install_assets.sh
 
 demo: setup
 	$(VENV)/bin/flatlora compare
+
+# the regime map of docs/experiments.md (hours on a 2-core CPU; resumable: re-run to continue or to re-report)
+map: setup
+	$(VENV)/bin/flatlora compare --preset map-text-r8
+	$(VENV)/bin/flatlora compare --preset map-vision
+	$(VENV)/bin/flatlora compare --preset map-label-noise
+	$(VENV)/bin/flatlora compare --preset map-text-r64
 
 test: setup
 	$(PY) -m pytest -q -m "not slow"

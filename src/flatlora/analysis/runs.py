@@ -110,7 +110,7 @@ def measure_sharpness(paths: Sequence[str | Path], cfg: SharpnessConfig | None =
         rep = sharpness_report(run.model, run.loss_fn, run.batches, label=run.label, rho=cfg.rho,
                                n_samples=cfg.samples, sam_rho=cfg.sam_rho, seed=cfg.seed,
                                hessian_iters=cfg.hessian_iters, hessian_batches=cfg.hessian_batches,
-                               progress=progress)
+                               progress=progress, hessian_hvp=cfg.hessian_hvp)
         reports.append(rep)
         rows.append({**rep.to_dict(), "method": run.info.get("method"), "run_dir": str(run_dir),
                      "n_examples": sum(_batch_len(b) for b in run.batches)})

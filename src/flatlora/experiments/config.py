@@ -119,8 +119,6 @@ class ExperimentConfig(dio.DataclassIO):
             if len(set(self.rho)) != len(self.rho):
                 raise ValueError(f"rho {self.rho} must not repeat values")
         check_number("label_noise", self.label_noise, 0, 1)
-        if self.label_noise >= 1:
-            raise ValueError(f"label_noise={self.label_noise} must be below 1 (a fraction of the training labels)")
         check_count("sharpness_batches", self.sharpness_batches, 0)
         check_count("sharpness_samples", self.sharpness_samples)
         check_count("hessian_iters", self.hessian_iters, 0)

@@ -1,10 +1,13 @@
-"""Summaries of a compare folder: statistics over seeds, the Markdown table, results.json and PNG plots.
+"""Summaries of a compare folder: statistics over seeds, the Markdown tables, results.json and the plots.
 
-Per method (and rank): mean +- sample std over seeds of in-domain test accuracy, out-of-domain accuracy
-(per severity for vision), final clean train loss, step time and peak memory. Paired differences
-(method - baseline, seed by seed: flat-lora - lora, lora-sam - lora, ..., X+flat - X) with Student-t 95%
-confidence intervals and the paired t-test p-value (undefined, shown "n/a", for one seed or when every paired
-difference is equal). Accuracies are reported in percent, differences in percentage points (pp).
+Per method (and rank, and rho in a rho sweep): mean +- sample std over seeds of in-domain test accuracy,
+out-of-domain accuracy (per severity for vision), final clean train loss, step time, peak memory, and the
+flatness measures when the runs took them. Paired differences (method - baseline, seed by seed: flat-lora -
+lora, lora-sam - lora, ..., X+flat - X) with Student-t 95% confidence intervals and the paired t-test p-value
+(undefined, shown "n/a", for one seed or when every paired difference is equal): of the accuracies (percentage
+points), of every OOD set (vision: per corruption type and severity), of the severity slope (the least-squares
+slope of OOD accuracy over severities, pp per level: the paired difference of slopes is the slope of the gain),
+and of the flatness measures (in their own units). The figures are drawn by `.plots`.
 """
 
 from __future__ import annotations
@@ -15,9 +18,13 @@ from typing import Any
 
 from .._jsonio import as_float
 from .config import ExperimentConfig
-from .methods import paired_baseline
-from .runs import CURVE_FILE, read_json, read_run, write_json_atomic, write_text_atomic
-from .stats import mean, mean_ci, paired_diff
+from .methods import paired_baseline, uses_flat_rho
+from .runs import read_run, write_json_atomic, write_text_atomic
+from .stats import mean_ci, paired_diff
+
+# flatness measures of run.json's metrics["flatness"] (see `.train.measure_flatness`), with their table names
+FLATNESS = {"expected_sharpness": "expected sharpness", "sam_sharpness_full": "SAM sharpness (W)",
+            "sam_sharpness_lora": "SAM sharpness (A, B)", "hessian_top": "top Hessian eigenvalue"}
 
 
 def collect(root: str | Path, cfg: ExperimentConfig) -> dict[str, list[dict]]:
@@ -41,8 +48,31 @@ def _stat(xs: list[float | None]) -> dict[str, float]:
     return {"mean": ci.mean, "std": ci.std, "ci_low": ci.low, "ci_high": ci.high, "n": ci.n, "values": list(xs)}
 
 
+def severity_slope(metrics: dict[str, Any]) -> float:
+    """Least-squares slope of a run's OOD accuracy over corruption severity (``ood_groups`` "severity s"), per
+    level; nan without at least two severities."""
+    pts = [(int(g.split()[-1]), as_float(a)) for g, a in (metrics.get("ood_groups") or {}).items()
+           if g.startswith("severity ")]
+    if len(pts) < 2:
+        return math.nan
+    xm = sum(x for x, _ in pts) / len(pts)
+    ym = sum(y for _, y in pts) / len(pts)
+    return sum((x - xm) * (y - ym) for x, y in pts) / sum((x - xm) ** 2 for x, _ in pts)
+
+
+def split_set_name(name: str) -> tuple[str, str]:
+    """``"contrast@3"`` -> ``("contrast", "3")`` (a corrupted vision set); any other OOD set name -> ``(name, "")``."""
+    kind, at, sev = name.rpartition("@")
+    return (kind, sev) if at and sev.isdigit() else (name, "")
+
+
+def _flatness(r: dict, key: str) -> float:
+    return as_float((r["metrics"].get("flatness") or {}).get(key))
+
+
 def summarize(runs: dict[str, list[dict]], cfg: ExperimentConfig) -> dict[str, Any]:
     methods: dict[str, Any] = {}
+    sweep = len(cfg.flat_rhos()) > 1
     for label, rs in runs.items():
         m = {
             "method": rs[0]["method"], "rank": rs[0]["rank"], "seeds": [r["seed"] for r in rs],
@@ -56,7 +86,14 @@ def summarize(runs: dict[str, list[dict]], cfg: ExperimentConfig) -> dict[str, A
             "ood_groups": {k: _stat([r["metrics"]["ood_groups"][k] for r in rs])
                            for k in rs[0]["metrics"].get("ood_groups", {})},
             "steps": rs[0]["steps"], "n_train": rs[0]["n_train"], "rho": rs[0]["rho"],
+            "flat_rho_sweep": sweep and uses_flat_rho(rs[0]["method"]),
         }
+        if any(r["metrics"].get("flatness") for r in rs):
+            m["flatness"] = {k: _stat([_flatness(r, k) for r in rs]) for k in FLATNESS}
+            m["flatness_examples"] = next(r["metrics"]["flatness"]["n_examples"] for r in rs
+                                          if r["metrics"].get("flatness"))
+        if m["ood_groups"]:
+            m["severity_slope"] = _stat([severity_slope(r["metrics"]) for r in rs])
         methods[label] = m
     paired = []
     for method, rank, _, _, rho in cfg.run_labels():
@@ -76,9 +113,20 @@ def summarize(runs: dict[str, list[dict]], cfg: ExperimentConfig) -> dict[str, A
                    "ood_accuracy": lambda r: as_float(r["metrics"]["ood_accuracy"])}
         for g in a[seeds[0]]["metrics"].get("ood_groups", {}):
             metrics[f"ood {g}"] = lambda r, g=g: as_float(r["metrics"]["ood_groups"][g])
-        diffs = {k: paired_diff([f(a[s]) for s in seeds], [f(b[s]) for s in seeds]).to_dict()
-                 for k, f in metrics.items()}
-        paired.append({"method": label, "baseline": base_label, "seeds": seeds, "diffs": diffs})
+        if a[seeds[0]]["metrics"].get("ood_groups"):
+            metrics["ood severity slope (per level)"] = lambda r: severity_slope(r["metrics"])
+
+        def diff(f) -> dict[str, Any]:
+            return paired_diff([f(a[s]) for s in seeds], [f(b[s]) for s in seeds]).to_dict()
+
+        entry = {"method": label, "baseline": base_label, "seeds": seeds,
+                 "diffs": {k: diff(f) for k, f in metrics.items()}}
+        sets = list(a[seeds[0]]["metrics"]["ood"])
+        if len(sets) > 1:
+            entry["ood_set_diffs"] = {k: diff(lambda r, k=k: as_float(r["metrics"]["ood"][k])) for k in sets}
+        if all(a[s]["metrics"].get("flatness") and b[s]["metrics"].get("flatness") for s in seeds):
+            entry["flatness_diffs"] = {k: diff(lambda r, k=k: _flatness(r, k)) for k in FLATNESS}
+        paired.append(entry)
     first = next(iter(runs.values()))[0] if runs else {}
     return {"task": cfg.task, "config": cfg.to_dict(), "methods": methods, "paired": paired,
             "n_train": first.get("n_train"), "steps": first.get("steps"),
@@ -116,6 +164,15 @@ def table_md(results: dict[str, Any]) -> str:
         for label, m in ms.items():
             cells = [_pct(m["ood_groups"][g]) for g in groups]
             lines.append(f"| {label} | {_pct(m['test_accuracy'])} | " + " | ".join(cells) + " |")
+    flat = [(label, m) for label, m in ms.items() if m.get("flatness")]
+    if flat:
+        n = flat[0][1]["flatness_examples"]
+        lines += ["", f"Flatness after training (first {n} training examples, the same probe draws for every run; "
+                  f"expected sharpness at rho {cfg['sharpness_rho']:g}, SAM sharpness at radius "
+                  f"{cfg['sharpness_sam_rho']:g}); mean ± std over seeds:", "",
+                  "| method | " + " | ".join(FLATNESS.values()) + " |", "|---|" + "---|" * len(FLATNESS)]
+        for label, m in flat:
+            lines.append(f"| {label} | " + " | ".join(_num(m["flatness"][k]) for k in FLATNESS) + " |")
     if results["paired"]:
         lines += ["", "Paired differences (same seeds, data order and initialisation), percentage points, "
                   "Student-t 95% CI over seeds:", "",
@@ -126,7 +183,50 @@ def table_md(results: dict[str, Any]) -> str:
                 ci, pv = _ci_cells(d)
                 lines.append(f"| {p['method']} − {p['baseline']} | {metric} | {_pp(d['mean'])} | {ci} | {pv} | "
                              f"{d['n']} |")
+    lines += _set_diff_table(results["paired"]) + _flatness_diff_table(results["paired"])
     return "\n".join(lines) + "\n"
+
+
+def _num(s: dict) -> str:
+    """mean ± std of a flatness measure, 4 significant digits."""
+    if not math.isfinite(s["mean"]):
+        return "n/a"
+    return f"{s['mean']:.4g}" + (f" ± {s['std']:.2g}" if s["n"] > 1 and math.isfinite(s["std"]) else "")
+
+
+def _set_diff_table(paired: list[dict]) -> list[str]:
+    """Paired OOD gain per corruption type (rows) and severity (columns), pp with the 95% CI."""
+    out: list[str] = []
+    for p in paired:
+        if not p.get("ood_set_diffs"):
+            continue
+        grid: dict[str, dict[str, dict]] = {}
+        for name, d in p["ood_set_diffs"].items():
+            kind, sev = split_set_name(name)
+            grid.setdefault(kind, {})[sev] = d
+        sevs = sorted({s for row in grid.values() for s in row}, key=lambda v: int(v) if v else 0)
+        out += ["", f"{p['method']} − {p['baseline']}: paired OOD gain per corruption and severity, pp [95% CI]:", "",
+                "| OOD set | " + " | ".join(f"severity {s}" if s else "accuracy" for s in sevs) + " |", "|---|" + "---|" * len(sevs)]
+        for kind, row in grid.items():
+            cells = [f"{_pp(row[s]['mean'])} {_ci_cells(row[s])[0]}" if s in row else "" for s in sevs]
+            out.append(f"| {kind} | " + " | ".join(cells) + " |")
+    return out
+
+
+def _flatness_diff_table(paired: list[dict]) -> list[str]:
+    rows = [(p, k, d) for p in paired for k, d in (p.get("flatness_diffs") or {}).items()]
+    if not rows:
+        return []
+    out = ["", "Paired differences of flatness (method − baseline, in the measure's units; negative = flatter), "
+           "Student-t 95% CI over seeds:", "",
+           "| comparison | measure | mean diff | 95% CI | p (paired t) | seeds |", "|---|---|---|---|---|---|"]
+    for p, k, d in rows:
+        if d["n"] < 2 or not (math.isfinite(d["low"]) and math.isfinite(d["high"])):
+            ci, pv = _ci_cells(d)
+        else:
+            ci, pv = f"[{d['low']:+.4g}, {d['high']:+.4g}]", f"{d['p_value']:.3f}"
+        out.append(f"| {p['method']} − {p['baseline']} | {FLATNESS[k]} | {d['mean']:+.4g} | {ci} | {pv} | {d['n']} |")
+    return out
 
 
 def _ci_cells(d: dict) -> tuple[str, str]:
@@ -156,119 +256,10 @@ def write_report(root: str | Path, cfg: ExperimentConfig) -> dict[str, Any]:
     results["table"] = table_md(results)
     write_json_atomic(root / "results.json", results)
     write_text_atomic(root / "table.md", results["table"])
+    from .plots import plot_all  # matplotlib only when the figures are drawn
+
     results["plots"] = [str(p) for p in plot_all(root, results, runs)]
     return results
 
 
-# --- plots -----------------------------------------------------------------------------------------------
-def plot_all(root: Path, results: dict[str, Any], runs: dict[str, list[dict]]) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out = [_plot_accuracy(plt, root, results), _plot_curves(plt, root, runs)]
-    if any(m["ood_groups"] for m in results["methods"].values()):
-        out.append(_plot_severity(plt, root, results))
-    if results["paired"]:
-        out.append(_plot_paired(plt, root, results))
-    return out
-
-
-def _err(s: dict) -> tuple[float, float]:
-    if not (math.isfinite(s["ci_low"]) and math.isfinite(s["ci_high"])):  # 1 seed, or every seed equal
-        return 0.0, 0.0
-    return 100 * (s["mean"] - s["ci_low"]), 100 * (s["ci_high"] - s["mean"])
-
-
-def _plot_accuracy(plt, root: Path, results: dict) -> Path:
-    ms = results["methods"]
-    labels = list(ms)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(labels), 4))
-    width = 0.38
-    for j, (key, name) in enumerate((("test_accuracy", "in-domain test"), ("ood_accuracy", "out-of-domain"))):
-        xs = [i + (j - 0.5) * width for i in range(len(labels))]
-        means = [100 * ms[k][key]["mean"] for k in labels]
-        errs = list(zip(*[_err(ms[k][key]) for k in labels]))
-        ax.bar(xs, means, width, yerr=errs, capsize=4, label=name, alpha=0.75)
-        for x, k in zip(xs, labels):
-            vals = [100 * v for v in ms[k][key]["values"]]
-            ax.plot([x] * len(vals), vals, "k.", ms=4)
-    lo = min(100 * min(ms[k][key]["values"]) for k in labels for key in ("test_accuracy", "ood_accuracy"))
-    hi = max(100 * max(ms[k][key]["values"]) for k in labels for key in ("test_accuracy", "ood_accuracy"))
-    ax.set_ylim(max(0, lo - 5), min(100, hi + 3))
-    ax.set_xticks(range(len(labels)), labels, rotation=20)
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"{results['task']}: accuracy, mean and 95% CI over seeds (dots: seeds)")
-    ax.legend()
-    return _save(plt, fig, root / "accuracy.png")
-
-
-def _save(plt, fig, path: Path) -> Path:
-    """Lay out, write ``path`` at 110 dpi and close the figure (pyplot keeps open figures alive)."""
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _plot_severity(plt, root: Path, results: dict) -> Path:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, m in results["methods"].items():
-        groups = list(m["ood_groups"])
-        xs = [0] + [int(g.split()[-1]) for g in groups]
-        stats = [m["test_accuracy"]] + [m["ood_groups"][g] for g in groups]
-        ys = [100 * s["mean"] for s in stats]
-        ax.plot(xs, ys, "o-", label=label)
-        if all(math.isfinite(s["ci_low"]) and math.isfinite(s["ci_high"]) for s in stats):
-            ax.fill_between(xs, [100 * s["ci_low"] for s in stats], [100 * s["ci_high"] for s in stats], alpha=0.15)
-    ax.set_xlabel("corruption severity (0 = clean test set)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title("accuracy under corruption, mean and 95% CI")
-    ax.legend()
-    return _save(plt, fig, root / "severity.png")
-
-
-def _smooth(xs: list[float], k: int) -> list[float]:
-    out, acc = [], 0.0
-    for i, x in enumerate(xs):
-        acc += x
-        if i >= k:
-            acc -= xs[i - k]
-        out.append(acc / min(i + 1, k))
-    return out
-
-
-def _plot_curves(plt, root: Path, runs: dict[str, list[dict]]) -> Path:
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for label, rs in runs.items():
-        curves = [read_json(Path(r["_dir"]) / CURVE_FILE) for r in rs]
-        n = min(len(c["loss"]) for c in curves)
-        avg = [mean([c["loss"][i] for c in curves]) for i in range(n)]
-        k = max(1, n // 20)
-        ax.plot(curves[0]["step"][:n], _smooth(avg, k), label=label)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (moving average, mean over seeds)")
-    ax.set_title("training curves (flat-lora: loss at the perturbed weights)")
-    ax.legend()
-    return _save(plt, fig, root / "curves.png")
-
-
-def _plot_paired(plt, root: Path, results: dict) -> Path:
-    rows = [(f"{p['method']} − {p['baseline']}: {metric}", d) for p in results["paired"]
-            for metric, d in p["diffs"].items()]
-    fig, ax = plt.subplots(figsize=(7, 0.9 + 0.35 * len(rows)))
-    for i, (name, d) in enumerate(rows):
-        if math.isfinite(d["low"]) and math.isfinite(d["high"]):
-            ax.errorbar(100 * d["mean"], i, xerr=[[100 * (d["mean"] - d["low"])], [100 * (d["high"] - d["mean"])]],
-                        fmt="o", capsize=4, color="C0")
-        else:
-            ax.plot(100 * d["mean"], i, "o", color="C0")
-    ax.axvline(0, color="k", lw=0.8)
-    ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel("paired difference (percentage points), 95% CI")
-    return _save(plt, fig, root / "paired.png")
-
-
-__all__ = ["collect", "plot_all", "summarize", "table_md", "write_report"]
+__all__ = ["FLATNESS", "collect", "severity_slope", "split_set_name", "summarize", "table_md", "write_report"]

@@ -185,6 +185,11 @@ class TextTask(Task):
         return {"input_ids": t["input_ids"][:, :width], "attention_mask": t["attention_mask"][:, :width],
                 "labels": t["labels"]}
 
+    def eval_order(self, data: TensorData) -> torch.Tensor:
+        # by length: a batch of 128 random snippets nearly always holds one of max_length tokens, while the mean
+        # is ~24 of 32; sorted batches are cut to their own longest (about 25% fewer tokens, measured)
+        return torch.argsort(data.tensors["attention_mask"].sum(1), stable=True)
+
     def logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
