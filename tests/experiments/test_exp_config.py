@@ -37,7 +37,7 @@ def test_labels_and_rank_sweep():
     assert [lab[3] for lab in cfg.run_labels()] == ["lora/seed0", "flat-lora/seed0", "lora/seed1", "flat-lora/seed1"]
     sweep = ExperimentConfig(methods=["lora"], seeds=[0], ranks=[4, 16])
     assert [lab[3] for lab in sweep.run_labels()] == ["lora-r4/seed0", "lora-r16/seed0"]
-    assert ExperimentConfig(task="vision").flat_rho() == 0.15 and ExperimentConfig().flat_rho() == 0.05
+    assert ExperimentConfig(task="vision").flat_rhos() == [0.15] and ExperimentConfig().flat_rhos() == [0.05]
 
 
 def test_cli_precedence_preset_file_flags(tmp_path):

@@ -6,8 +6,8 @@
 * ``severity.png`` (vision): accuracy against corruption severity; ``gain_severity.png``: the paired OOD gain of
   each Flat-LoRA method per corruption type and severity, with 95% CIs;
 * ``gain_rho.png`` (a rho sweep): the paired gain of each Flat-LoRA method against rho, with 95% CIs;
-* ``sharpness.png`` (runs that measured flatness): test accuracy against expected sharpness and against the
-  top Hessian eigenvalue, one dot per run.
+* ``sharpness.png`` (runs that measured flatness): in-domain and OOD accuracy against expected sharpness and
+  against the top Hessian eigenvalue, one dot per run.
 """
 
 from __future__ import annotations
@@ -201,21 +201,26 @@ def _plot_gain_rho(plt, root: Path, results: dict) -> Path:
 
 
 def _plot_sharpness(plt, root: Path, runs: dict[str, list[dict]]) -> Path:
-    """Test accuracy against expected sharpness and against the top Hessian eigenvalue, one dot per run."""
+    """In-domain (top) and OOD (bottom) accuracy against expected sharpness and against the top Hessian
+    eigenvalue, one dot per run."""
     keys = [("expected_sharpness", "expected sharpness E[L(W+E)] - L(W)"), ("hessian_top", "top Hessian eigenvalue (W)")]
     keys = [k for k in keys if any((r["metrics"].get("flatness") or {}).get(k[0]) is not None
                                    for rs in runs.values() for r in rs)]
-    fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 4), squeeze=False, sharey=True)
-    for ax, (key, name) in zip(axes[0], keys):
-        for label, rs in runs.items():
-            pts = [(as_float(r["metrics"]["flatness"].get(key)), 100 * as_float(r["metrics"]["test_accuracy"]))
-                   for r in rs if r["metrics"].get("flatness")]
-            pts = [(x, y) for x, y in pts if math.isfinite(x)]
-            if pts:
-                ax.plot([x for x, _ in pts], [y for _, y in pts], "o", label=label, alpha=0.8)
-        ax.set_xlabel(name)
-        ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("test accuracy (%)")
+    accs = [("test_accuracy", "test accuracy (%)"), ("ood_accuracy", "OOD accuracy (%)")]
+    fig, axes = plt.subplots(len(accs), len(keys), figsize=(5.2 * len(keys), 3.6 * len(accs)), squeeze=False,
+                             sharex="col", sharey="row")
+    for i, (acc, acc_name) in enumerate(accs):
+        for ax, (key, name) in zip(axes[i], keys):
+            for label, rs in runs.items():
+                pts = [(as_float(r["metrics"]["flatness"].get(key)), 100 * as_float(r["metrics"][acc]))
+                       for r in rs if r["metrics"].get("flatness")]
+                pts = [(x, y) for x, y in pts if math.isfinite(x) and math.isfinite(y)]
+                if pts:
+                    ax.plot([x for x, _ in pts], [y for _, y in pts], "o", label=label, alpha=0.8)
+            if i == len(accs) - 1:
+                ax.set_xlabel(name)
+        axes[i][0].set_ylabel(acc_name)
+    axes[0][0].legend(fontsize=7)
     n = next(r["metrics"]["flatness"]["n_examples"] for rs in runs.values() for r in rs if r["metrics"].get("flatness"))
     fig.suptitle(f"accuracy vs flatness, one dot per run (flatness on the first {n} training examples)", fontsize=9)
     return _save(plt, fig, root / "sharpness.png")
