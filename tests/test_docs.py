@@ -107,3 +107,15 @@ def test_accelerate_launch_lines_work_on_cpu(where):
     assert any("CPU" in line for line in launches), launches  # the CPU form is shown as such
     assert "Accelerator(cpu=" in text  # and the script side of it
     assert "--cpu --num_processes 2" in text  # the form that looks right and runs one process, named as such
+
+
+LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_every_relative_link_and_figure_exists(doc):
+    """Markdown links and images to files of the checkout (not URLs) point at files that exist."""
+    missing = [target for target in LINK.findall(doc.read_text())
+               if "://" not in target and not target.startswith("mailto:")
+               and not (doc.parent / target).exists()]
+    assert not missing, f"{doc.name} links to missing files: {missing}"

@@ -6,6 +6,7 @@ re-measures one of them independently through `load_run` + `sharpness_report`.""
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -146,6 +147,24 @@ def test_a_rho_sweep_report_pairs_every_rho_with_the_same_baseline(fake_sweep, t
     assert "Flatness after training (first 32 training examples" in table
     for name in ("gain_rho.png", "gain_severity.png", "sharpness.png"):
         assert (out / name).stat().st_size > 0, name
+
+
+def test_a_flatness_measure_no_run_took_gets_no_column_and_no_row(fake_sweep, tmp_path, monkeypatch, capsys):
+    """hessian_iters=0 (the demo): run.json holds hessian_top null; the tables leave it out instead of nan."""
+    made_up = _metrics
+
+    def no_hessian(method, rho, seed):
+        m = made_up(method, rho, seed)
+        m["flatness"]["hessian_top"] = None
+        return m
+
+    monkeypatch.setattr(sys.modules[__name__], "_metrics", no_hessian)
+    out = tmp_path / "nohess"
+    assert main(["compare", "--preset", "smoke", "--methods", "lora", "flat-lora", "--seeds", "0", "1",
+                 "--no-progress", "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| flat-lora − lora | expected sharpness |" in table
+    assert "Hessian" not in table and "nan" not in table
 
 
 # --- one real tiny run: flatness in run.json equals an independent re-measurement ----------------------------

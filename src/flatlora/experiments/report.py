@@ -165,14 +165,15 @@ def table_md(results: dict[str, Any]) -> str:
             cells = [_pct(m["ood_groups"][g]) for g in groups]
             lines.append(f"| {label} | {_pct(m['test_accuracy'])} | " + " | ".join(cells) + " |")
     flat = [(label, m) for label, m in ms.items() if m.get("flatness")]
-    if flat:
+    measured = [k for k in FLATNESS if any(math.isfinite(m["flatness"][k]["mean"]) for _, m in flat)]
+    if flat:  # a measure no run took (e.g. the Hessian with hessian_iters=0) gets no column
         n = flat[0][1]["flatness_examples"]
         lines += ["", f"Flatness after training (first {n} training examples, the same probe draws for every run; "
                   f"expected sharpness at rho {cfg['sharpness_rho']:g}, SAM sharpness at radius "
                   f"{cfg['sharpness_sam_rho']:g}); mean ± std over seeds:", "",
-                  "| method | " + " | ".join(FLATNESS.values()) + " |", "|---|" + "---|" * len(FLATNESS)]
+                  "| method | " + " | ".join(FLATNESS[k] for k in measured) + " |", "|---|" + "---|" * len(measured)]
         for label, m in flat:
-            lines.append(f"| {label} | " + " | ".join(_num(m["flatness"][k]) for k in FLATNESS) + " |")
+            lines.append(f"| {label} | " + " | ".join(_num(m["flatness"][k]) for k in measured) + " |")
     if results["paired"]:
         lines += ["", "Paired differences (same seeds, data order and initialisation), percentage points, "
                   "Student-t 95% CI over seeds:", "",
@@ -214,7 +215,8 @@ def _set_diff_table(paired: list[dict]) -> list[str]:
 
 
 def _flatness_diff_table(paired: list[dict]) -> list[str]:
-    rows = [(p, k, d) for p in paired for k, d in (p.get("flatness_diffs") or {}).items()]
+    rows = [(p, k, d) for p in paired for k, d in (p.get("flatness_diffs") or {}).items()
+            if d["n"] and not math.isnan(d["mean"])]  # a measure no run took has no row
     if not rows:
         return []
     out = ["", "Paired differences of flatness (method − baseline, in the measure's units; negative = flatter), "
