@@ -35,7 +35,8 @@ def test_a_rho_sweep_runs_each_flat_method_at_each_rho_against_one_baseline_run(
 
 
 @pytest.mark.parametrize("bad,match", [(dict(rho=[]), "rho is an empty list"), (dict(rho=[0.1, 0.1]), "repeat"),
-                                       (dict(rho=[0.1, -1.0]), "rho"), (dict(label_noise=1.0), r"label_noise=1.0 must be in \[0, 1\)"),
+                                       (dict(rho=[0.1, -1.0]), "rho"),
+                                       (dict(label_noise=1.0), r"label_noise=1.0 must be in \[0, 1\)"),
                                        (dict(label_noise=-0.1), "label_noise"),
                                        (dict(sharpness_rho=0.0), "sharpness_rho"),
                                        (dict(sharpness_batches=-1), "sharpness_batches")])

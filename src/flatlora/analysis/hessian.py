@@ -5,8 +5,8 @@ over the adapter parameters (``space="lora"``). ``H v`` is computed exactly by d
 `flatlora.analysis._space.Objective.hvp`), or (``hvp="central"``) by central differences of exact gradients,
 ``(g(eps v) - g(-eps v)) / 2 eps`` with ``eps = 1e-4 ||theta||`` (``theta``: the space's current values): two
 ordinary backward passes, cheaper than a double backward through attention (~1.5x on MiniLM, CPU), with an
-error of order ``eps^2`` plus fp32 rounding (tested against the exact product). ``H`` itself (``(sum mn)^2`` entries) is never
-formed.
+error of order ``eps^2`` plus fp32 rounding (tested against the exact product). ``H`` itself (``(sum mn)^2``
+entries) is never formed.
 
 Two solvers, both pure functions of a ``matvec`` on lists of tensors:
 

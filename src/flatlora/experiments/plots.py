@@ -203,7 +203,8 @@ def _plot_gain_rho(plt, root: Path, results: dict) -> Path:
 def _plot_sharpness(plt, root: Path, runs: dict[str, list[dict]]) -> Path:
     """In-domain (top) and OOD (bottom) accuracy against expected sharpness and against the top Hessian
     eigenvalue, one dot per run."""
-    keys = [("expected_sharpness", "expected sharpness E[L(W+E)] - L(W)"), ("hessian_top", "top Hessian eigenvalue (W)")]
+    keys = [("expected_sharpness", "expected sharpness E[L(W+E)] - L(W)"),
+            ("hessian_top", "top Hessian eigenvalue (W)")]
     keys = [k for k in keys if any((r["metrics"].get("flatness") or {}).get(k[0]) is not None
                                    for rs in runs.values() for r in rs)]
     accs = [("test_accuracy", "test accuracy (%)"), ("ood_accuracy", "OOD accuracy (%)")]

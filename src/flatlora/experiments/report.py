@@ -207,7 +207,8 @@ def _set_diff_table(paired: list[dict]) -> list[str]:
             grid.setdefault(kind, {})[sev] = d
         sevs = sorted({s for row in grid.values() for s in row}, key=lambda v: int(v) if v else 0)
         out += ["", f"{p['method']} − {p['baseline']}: paired OOD gain per corruption and severity, pp [95% CI]:", "",
-                "| OOD set | " + " | ".join(f"severity {s}" if s else "accuracy" for s in sevs) + " |", "|---|" + "---|" * len(sevs)]
+                "| OOD set | " + " | ".join(f"severity {s}" if s else "accuracy" for s in sevs) + " |",
+                "|---|" + "---|" * len(sevs)]
         for kind, row in grid.items():
             cells = [f"{_pp(row[s]['mean'])} {_ci_cells(row[s])[0]}" if s in row else "" for s in sevs]
             out.append(f"| {kind} | " + " | ".join(cells) + " |")

@@ -188,5 +188,5 @@ def validate_config(cfg: Any) -> None:
         task_class(name).validate(cfg)
 
 
-__all__ = ["Splits", "Task", "TensorData", "TASKS", "flip_labels", "get_task", "init_linear_", "task_class", "to_device",
-           "validate_config"]
+__all__ = ["Splits", "Task", "TensorData", "TASKS", "flip_labels", "get_task", "init_linear_", "task_class",
+           "to_device", "validate_config"]
