@@ -93,7 +93,7 @@ def _check_types(cls: type, data: dict[str, Any]) -> None:
     number goes). A list field also takes one bare value; an int is a valid float."""
     hints = typing.get_type_hints(cls)
     for name, value in data.items():
-        tp, is_list = _base_type(hints[name])
+        tp, is_list = base_type(hints[name])
         if value is None or tp not in _TYPE_WORDS:
             continue
         items = value if is_list and isinstance(value, (list, tuple)) else [value]
@@ -175,14 +175,14 @@ def dump_file(obj: Any, path: str | Path) -> Path:
     return write_text_atomic(path, text)
 
 
-def _base_type(tp: Any) -> tuple[Any, bool]:
+def base_type(tp: Any) -> tuple[Any, bool]:
     """Return (element type, is_list) of a field annotation such as ``list[str] | None``."""
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     origin = typing.get_origin(tp)
     if origin in (list, tuple):
         return (args[0] if args else str), True
     if args and origin is not None:  # Optional[...] / X | None
-        return _base_type(args[0])
+        return base_type(args[0])
     return tp, False
 
 
@@ -192,7 +192,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "") 
     for f in dataclasses.fields(cls):
         if f.metadata.get("cli") is False:
             continue
-        tp, is_list = _base_type(hints[f.name])
+        tp, is_list = base_type(hints[f.name])
         flag = "--" + prefix + f.name.replace("_", "-")
         helptext = f.metadata.get("help", "")
         if f.default is not dataclasses.MISSING:

@@ -94,3 +94,14 @@ def test_a_single_pair_has_a_mean_and_nothing_else():
     d = paired_diff([0.83], [0.80])
     assert d.n == 1 and d.mean == pytest.approx(0.03, abs=1e-12)
     assert all(math.isnan(v) for v in (d.std, d.low, d.high, d.p_value))
+
+
+def test_slope_is_the_closed_form_least_squares_slope():
+    from flatlora.experiments.stats import slope
+
+    # y = 2 - 0.5 x exactly; and a hand-computed case: xs 1,2,3 ys 1,3,2 -> sxy = 1, sxx = 2 -> 0.5
+    assert slope([1, 2, 3, 5], [1.5, 1.0, 0.5, -0.5]) == pytest.approx(-0.5)
+    assert slope([1, 2, 3], [1, 3, 2]) == pytest.approx(0.5)
+    assert math.isnan(slope([1], [2])) and math.isnan(slope([2, 2], [1, 3]))
+    with pytest.raises(ValueError, match="as many xs as ys"):
+        slope([1, 2], [1])

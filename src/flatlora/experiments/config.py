@@ -79,11 +79,14 @@ class ExperimentConfig(dio.DataclassIO):
         from .tasks import validate_config
 
         hints = typing.get_type_hints(type(self))
-        for name in [f.name for f in dataclasses.fields(self) if typing.get_origin(hints[f.name]) is list]:
-            v = getattr(self, name)  # every list field (a task's own too) also takes one value
-            if isinstance(v, (str, int)):
-                v = [v]
-            setattr(self, name, list(v))
+        for f in dataclasses.fields(self):
+            elem, is_list = dio.base_type(hints[f.name])
+            v = getattr(self, f.name)
+            if not is_list or v is None:  # None: an optional list left unset (rho: the task's default)
+                continue
+            if isinstance(v, (str, int)) or (elem is float and isinstance(v, float)):
+                v = [v]  # every list field (a task's own too) also takes one value
+            setattr(self, f.name, list(v))
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ValueError(f"name={self.name!r} must be a plain folder name such as 'default'")
         if not self.methods:
@@ -107,10 +110,7 @@ class ExperimentConfig(dio.DataclassIO):
             check_number(name, getattr(self, name), 0, above=True)
         for name in ("weight_decay", "max_grad_norm", "sam_rho", "sam_w_rho", "alpha_over_rank"):
             check_number(name, getattr(self, name), 0)
-        if isinstance(self.rho, (int, float)) and not isinstance(self.rho, bool):
-            self.rho = [self.rho]
         if self.rho is not None:
-            self.rho = list(self.rho)
             if not self.rho:
                 raise ValueError("rho is an empty list; give one value or more, or leave it unset for the task's "
                                  "default")

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .._jsonio import as_float
 from .config import ExperimentConfig
 from .methods import paired_baseline, uses_flat_rho
 from .runs import read_run, write_json_atomic, write_text_atomic
-from .stats import mean_ci, paired_diff
+from .stats import mean_ci, paired_diff, slope
 
 # flatness measures of run.json's metrics["flatness"] (see `.train.measure_flatness`), with their table names
 FLATNESS = {"expected_sharpness": "expected sharpness", "sam_sharpness_full": "SAM sharpness (W)",
@@ -53,11 +53,7 @@ def severity_slope(metrics: dict[str, Any]) -> float:
     level; nan without at least two severities."""
     pts = [(int(g.split()[-1]), as_float(a)) for g, a in (metrics.get("ood_groups") or {}).items()
            if g.startswith("severity ")]
-    if len(pts) < 2:
-        return math.nan
-    xm = sum(x for x, _ in pts) / len(pts)
-    ym = sum(y for _, y in pts) / len(pts)
-    return sum((x - xm) * (y - ym) for x, y in pts) / sum((x - xm) ** 2 for x, _ in pts)
+    return slope([x for x, _ in pts], [y for _, y in pts])
 
 
 def split_set_name(name: str) -> tuple[str, str]:
@@ -224,21 +220,25 @@ def _flatness_diff_table(paired: list[dict]) -> list[str]:
            "Student-t 95% CI over seeds:", "",
            "| comparison | measure | mean diff | 95% CI | p (paired t) | seeds |", "|---|---|---|---|---|---|"]
     for p, k, d in rows:
-        if d["n"] < 2 or not (math.isfinite(d["low"]) and math.isfinite(d["high"])):
-            ci, pv = _ci_cells(d)
-        else:
-            ci, pv = f"[{d['low']:+.4g}, {d['high']:+.4g}]", f"{d['p_value']:.3f}"
-        out.append(f"| {p['method']} − {p['baseline']} | {FLATNESS[k]} | {d['mean']:+.4g} | {ci} | {pv} | {d['n']} |")
+        ci, pv = _ci_cells(d, _units)
+        out.append(f"| {p['method']} − {p['baseline']} | {FLATNESS[k]} | {_units(d['mean'])} | {ci} | {pv} | "
+                   f"{d['n']} |")
     return out
 
 
-def _ci_cells(d: dict) -> tuple[str, str]:
-    """The CI and p-value cells of a paired difference; 'n/a (why)' where the t-test is undefined."""
+def _ci_cells(d: dict, fmt: Callable[[float], str] = _pp) -> tuple[str, str]:
+    """The CI (its ends written by ``fmt``: percentage points by default) and p-value cells of a paired
+    difference; 'n/a (why)' where the t-test is undefined."""
     if d["n"] < 2:
         return "n/a (1 seed)", "n/a (1 seed)"
     if math.isnan(d["p_value"]) and d["std"] == 0:
         return "n/a (all paired differences equal)", "n/a (all paired differences equal)"
-    return f"[{_pp(d['low'])}, {_pp(d['high'])}]", f"{d['p_value']:.3f}"
+    return f"[{fmt(d['low'])}, {fmt(d['high'])}]", f"{d['p_value']:.3f}"
+
+
+def _units(x: float) -> str:
+    """A flatness value or difference in its own units, 4 significant digits with its sign."""
+    return f"{x:+.4g}"
 
 
 def _ood_n(results: dict[str, Any]) -> str:

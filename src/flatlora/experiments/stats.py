@@ -114,6 +114,18 @@ class Interval:
         return asdict(self)
 
 
+def slope(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Least-squares slope of ``ys`` on ``xs``: ``sum (x - xm)(y - ym) / sum (x - xm)^2``; nan for fewer than two
+    points or a single distinct ``x``."""
+    if len(xs) != len(ys):
+        raise ValueError(f"slope needs as many xs as ys, got {len(xs)} and {len(ys)}")
+    if len(xs) < 2:
+        return math.nan
+    xm, ym = mean(xs), mean(ys)
+    sxx = sum((x - xm) ** 2 for x in xs)
+    return sum((x - xm) * (y - ym) for x, y in zip(xs, ys)) / sxx if sxx > 0 else math.nan
+
+
 def mean_ci(xs: Sequence[float], level: float = 0.95) -> Interval:
     """``mean +- t_{(1+level)/2, n-1} * s / sqrt(n)`` and the t-test p-value of mean 0.
 
@@ -155,4 +167,4 @@ def _interval(xs: list[float], level: float, scale: float) -> Interval:
     return Interval(n, m, s, m - half, m + half, p, level)
 
 
-__all__ = ["Interval", "all_equal", "betainc", "mean", "mean_ci", "paired_diff", "std", "t_cdf", "t_quantile"]
+__all__ = ["Interval", "all_equal", "betainc", "mean", "mean_ci", "paired_diff", "slope", "std", "t_cdf", "t_quantile"]
