@@ -70,7 +70,7 @@ def _logger(root: Path, echo: bool) -> logging.Logger:
 def plan_text(cfg: ExperimentConfig) -> str:
     """What the config will run, in words (printed before a compare starts)."""
     from .tasks import get_task
-    from .train import total_steps
+    from .train import SHARPNESS_BATCH, total_steps
 
     task = get_task(cfg.task)
     splits = task.run_splits(cfg)
@@ -84,7 +84,7 @@ def plan_text(cfg: ExperimentConfig) -> str:
             f"= {len(cfg.run_labels())} runs; flat-lora rho {', '.join(f'{r:g}' for r in cfg.flat_rhos())}, "
             f"lora-sam rho {cfg.sam_rho}, sam-w rho {cfg.sam_w_rho}, lr {cfg.lr}"
             + (f"\n  label noise: {cfg.label_noise:g} of the training labels" if cfg.label_noise else "")
-            + (f"\n  flatness measured after training on {cfg.sharpness_batches} x 32 training examples"
+            + (f"\n  flatness measured after training on {cfg.sharpness_batches} x {SHARPNESS_BATCH} training examples"
                if cfg.sharpness_batches else ""))
 
 
