@@ -4,8 +4,11 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.flatlora-installed
+# the core install at its declared floors, no extra (constraints-floor.txt): what `pip install flatlora` gives
+CORE_VENV  := .venv-core
+CORE_STAMP := $(CORE_VENV)/.flatlora-installed
 
-.PHONY: setup demo map compare test test-distributed bench clean
+.PHONY: setup setup-core demo map compare test test-core test-distributed bench clean
 
 setup: $(STAMP)
 
@@ -18,6 +21,16 @@ $(STAMP): pyproject.toml constraints.txt scripts/install_assets.sh
 	bash scripts/install_assets.sh $(PY)
 	touch $@
 
+setup-core: $(CORE_STAMP)
+
+$(CORE_STAMP): pyproject.toml constraints-floor.txt
+	rm -rf $(CORE_VENV)  # from scratch: nothing left over from an earlier install may hide a missing dependency
+	$(PYTHON) -m venv $(CORE_VENV)
+	$(CORE_VENV)/bin/python -m pip install -q --upgrade pip
+	$(CORE_VENV)/bin/python -m pip install -q -c constraints-floor.txt torch==2.13.0
+	$(CORE_VENV)/bin/python -m pip install -q -c constraints-floor.txt -e .
+	touch $@
+
 demo: setup
 	$(VENV)/bin/flatlora compare
 
@@ -28,8 +41,13 @@ map: setup
 	$(VENV)/bin/flatlora compare --preset map-label-noise
 	$(VENV)/bin/flatlora compare --preset map-text-r64
 
+# the suite in the full environment, then the core install (no extra, floors) running scripts/core_check.py
 test: setup
 	$(PY) -m pytest -q -m "not slow"
+	$(MAKE) test-core
+
+test-core: setup-core
+	$(CORE_VENV)/bin/python scripts/core_check.py
 
 test-distributed: setup
 	$(PY) -m pytest -q -m distributed
@@ -38,4 +56,4 @@ bench: setup
 	$(PY) benchmarks/overhead.py
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(CORE_VENV) build src/*.egg-info .pytest_cache

@@ -72,7 +72,7 @@ def test_every_table_row_has_the_header_cell_count(doc):
 def test_every_doc_has_tables_where_expected():
     """The parser sees the tables at all (guards against a parser that finds none and so checks none)."""
     n = {doc.name: len(tables(doc.read_text(encoding="utf-8"))) for doc in DOCS}
-    assert n["README.md"] >= 8, n
+    assert n["README.md"] >= 4 and n["variants.md"] >= 1 and sum(n.values()) >= 30, n
 
 
 def _section(text: str, title: str) -> str:
@@ -91,7 +91,7 @@ def _code_lines(text: str) -> list[str]:
     return lines
 
 
-@pytest.mark.parametrize("where", ["README.md#Several GPUs", "docs/distributed.md"])
+@pytest.mark.parametrize("where", ["docs/distributed.md"])
 def test_accelerate_launch_lines_work_on_cpu(where):
     """Without a config file `accelerate launch` starts several processes only with `--multi_gpu` (or when it
     sees more than one GPU); a bare `--num_processes 2`, or `--cpu --num_processes 2`, runs the script once on a

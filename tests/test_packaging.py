@@ -29,3 +29,33 @@ def test_wheel_contains_py_typed(tmp_path):
     wheel = tmp_path / "dist" / out.stdout.strip().splitlines()[-1]
     names = zipfile.ZipFile(wheel).namelist()
     assert "flatlora/__init__.py" in names and "flatlora/py.typed" in names
+
+
+def _floor_pins() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / "constraints-floor.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            pins[name.lower()] = version
+    return pins
+
+
+def test_core_floors_are_the_versions_the_core_check_installs():
+    """pyproject's core `>=` floors and constraints-floor.txt (what `make test-core` installs) name the same
+    packages at the same versions, so the floors a user is promised are the ones CI ran."""
+    import re
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    floors = {}
+    for dep in deps:
+        m = re.fullmatch(r"([A-Za-z0-9_.-]+)>=([0-9][0-9.]*)", dep)
+        assert m, f"core dependency {dep!r} is not of the form name>=floor"
+        floors[m.group(1).lower()] = m.group(2)
+    pins = _floor_pins()
+    assert set(floors) == set(pins), (floors, pins)
+    norm = {k: tuple(int(x) for x in v.split(".")) for k, v in floors.items()}
+    pinned = {k: tuple(int(x) for x in v.split(".")) for k, v in pins.items()}
+    # a floor given with fewer parts (2.13) names the same version as the pin with zeros (2.13.0)
+    assert all(pinned[k][:len(norm[k])] == norm[k] and not any(pinned[k][len(norm[k]):]) for k in norm), (floors, pins)

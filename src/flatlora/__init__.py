@@ -4,13 +4,12 @@ LoRA training at ``W + E`` with filter-wise random noise ``E`` of the full merge
 lands in a minimum that is flat in the full parameter space, at LoRA's cost.
 """
 
+from ._version import __version__
 from .config import FlatLoraConfig
 from .core import FlatLora
 from .hf_args import FlatLoraArguments
 from .noise import NoiseSpec, filter_noise, layer_noise_spec, layer_seed, row_scale
 from .schedule import sigma_at
-
-__version__ = "0.1.0"
 
 __all__ = [
     "FlatLora",

@@ -240,7 +240,7 @@ def save_flat_lora_config(output_dir: str | Path, config: FlatLoraConfig, *, tot
     ``args.output_dir``). ``total_steps`` is the run's ``T`` (``sigma_T = rho``); ``step`` the optimizer steps
     taken when the adapter was saved.
     """
-    from . import __version__
+    from ._version import __version__
 
     if not isinstance(config, FlatLoraConfig):
         raise ValueError(f"config must be a FlatLoraConfig, got {type(config).__name__}; "
@@ -274,7 +274,7 @@ def load_flat_lora_config(path: str | Path) -> FlatLoraConfig:
 
 
 def _card_line(config: FlatLoraConfig, total_steps: int) -> str:
-    from . import __version__
+    from ._version import __version__
 
     return (f"{CARD_PREFIX} (flatlora {__version__}): rho={config.rho}, schedule={config.schedule}, "
             f"{total_steps} optimizer steps, noise seed {config.seed}; the full config is in `{CONFIG_NAME}`.")

@@ -14,6 +14,8 @@ import argparse
 import importlib
 import sys
 
+from ._extras import MissingExtraError
+
 # sub-command modules, in the order ``flatlora --help`` lists them
 _COMMAND_MODULES = (
     "flatlora.experiments.cli",
@@ -23,7 +25,7 @@ _COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from ._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="flatlora",
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except ValueError as exc:  # bad input: one clear line, no traceback
+    except (ValueError, MissingExtraError) as exc:  # bad input or a missing extra: one clear line, no traceback
         message = " ".join(str(exc).split()) or type(exc).__name__
         print(f"flatlora {args.command}: error: {message}", file=sys.stderr)
         return 2

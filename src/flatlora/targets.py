@@ -17,8 +17,8 @@ dequantized for bitsandbytes layers (in either of their CPU layouts, see `flatlo
 
 from __future__ import annotations
 
-import functools
 import re
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Iterable
@@ -36,12 +36,17 @@ def _is_gpt2_conv1d(m: nn.Module) -> bool:
     return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and isinstance(getattr(m, "weight", None), torch.Tensor)
 
 
-@functools.cache
 def _stock_linear_deltas() -> frozenset:
     """PEFT's ``get_delta_weight`` implementations that return ``transpose(B @ A, fan_in_fan_out) * scaling``:
-    LoRA's ``Linear`` and, when bitsandbytes is installed, its 8-bit and 4-bit layers."""
-    from peft.tuners.lora import bnb, layer
+    LoRA's ``Linear`` and, once PEFT has loaded its bitsandbytes layers, their 8-bit and 4-bit versions.
 
+    ``peft.tuners.lora.bnb`` imports bitsandbytes at module level, and bitsandbytes is optional: it is read from
+    ``sys.modules``, never imported here. A model holding a bitsandbytes LoRA layer has loaded it already
+    (PEFT's dispatcher imports it to build the layer), so no such layer can be missed.
+    """
+    from peft.tuners.lora import layer
+
+    bnb = sys.modules.get("peft.tuners.lora.bnb")
     classes = [layer.Linear] + [getattr(bnb, n) for n in ("Linear8bitLt", "Linear4bit") if hasattr(bnb, n)]
     return frozenset(c.get_delta_weight for c in classes)
 

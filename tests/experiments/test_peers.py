@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from flatlora.experiments import peers
-from flatlora.experiments.methods import METHODS, Method, build_peft_model, get_method, paired_baseline
+from flatlora.experiments.adapters import build_peft_model
+from flatlora.experiments.methods import METHODS, Method, get_method, paired_baseline
 
 LR, STEPS = 0.4, 4
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from .._extras import require
 from .landscape import Landscape1D, Landscape2D
 from .sharpness import SharpnessReport
 
@@ -18,12 +19,8 @@ _SPACE_TITLE = {"full": "full space (merged W)", "lora": "LoRA space (A, B)"}
 
 
 def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
+    require("matplotlib", "the diagnostics' figures").use("Agg", force=False)
+    return require("matplotlib.pyplot", "the diagnostics' figures")
 
 
 def _save(fig, path: str | Path) -> Path:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 
 from .. import _dataclass_io as dio
+from .._extras import require
 
 
 def register(subparsers) -> None:
@@ -71,6 +72,7 @@ def run_compare(ns: argparse.Namespace) -> int:
         print(plan_text(cfg))
         print(f"run folder: {ns.out or default_root(cfg)}")
         return 0
+    require("matplotlib", "flatlora compare")  # its figures: fail now, not after the runs
     results = compare(cfg, out=ns.out, progress=not ns.no_progress)
     print(results["table"], end="")
     return 0

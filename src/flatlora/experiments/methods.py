@@ -287,17 +287,5 @@ def _lora_base_layers(model: nn.Module) -> list[nn.Module]:
     return [m.get_base_layer() for m in model.modules() if isinstance(m, LoraLayer)]
 
 
-# building and saving the PEFT model live in .adapters; these names stay importable from here
-_ADAPTER_NAMES = ("LORA_GA_BATCHES", "build_peft_model", "save_adapter", "save_initial_adapter")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _ADAPTER_NAMES:
-        from . import adapters
-
-        return getattr(adapters, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = ["METHODS", "Method", "MethodSpec", "alora_config", "get_method", "heldout_examples", "paired_baseline",
            "seeded", "uses_flat_rho"]

@@ -17,17 +17,15 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .._extras import require
 from .._jsonio import as_float
 from .._stats import mean
-from .report import split_set_name
-from .runs import CURVE_FILE, read_json
+from .runs import CURVE_FILE, read_json, split_set_name
 
 
 def plot_all(root: Path, results: dict[str, Any], runs: dict[str, list[dict]]) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    require("matplotlib", "flatlora compare's figures").use("Agg")
+    plt = require("matplotlib.pyplot", "flatlora compare's figures")
 
     out = [_plot_accuracy(plt, root, results), _plot_curves(plt, root, runs)]
     if any(m["ood_groups"] for m in results["methods"].values()):

@@ -19,7 +19,7 @@ from typing import Any, Callable
 from .._jsonio import as_float
 from .config import ExperimentConfig
 from .methods import paired_baseline, uses_flat_rho
-from .runs import read_run, write_json_atomic, write_text_atomic
+from .runs import read_run, split_set_name, write_json_atomic, write_text_atomic
 from .stats import mean_ci, paired_diff, slope
 
 # flatness measures of run.json's metrics["flatness"] (see `.train.measure_flatness`), with their table names
@@ -54,12 +54,6 @@ def severity_slope(metrics: dict[str, Any]) -> float:
     pts = [(int(g.split()[-1]), as_float(a)) for g, a in (metrics.get("ood_groups") or {}).items()
            if g.startswith("severity ")]
     return slope([x for x, _ in pts], [y for _, y in pts])
-
-
-def split_set_name(name: str) -> tuple[str, str]:
-    """``"contrast@3"`` -> ``("contrast", "3")`` (a corrupted vision set); any other OOD set name -> ``(name, "")``."""
-    kind, at, sev = name.rpartition("@")
-    return (kind, sev) if at and sev.isdigit() else (name, "")
 
 
 def _flatness(r: dict, key: str) -> float:

@@ -164,5 +164,11 @@ def load_run(run_dir: str | Path, n_batches: int = 8, batch_size: int = 32) -> L
     return LoadedRun(model=model, loss_fn=task.ce_loss, batches=batches, label=info["label"], info=info)
 
 
+def split_set_name(name: str) -> tuple[str, str]:
+    """``"contrast@3"`` -> ``("contrast", "3")`` (a corrupted vision set); any other OOD set name -> ``(name, "")``."""
+    kind, at, sev = name.rpartition("@")
+    return (kind, sev) if at and sev.isdigit() else (name, "")
+
+
 __all__ = ["LoadedRun", "atomic_dir", "clean_stale", "find_runs", "is_finished", "load_run", "read_json",
-           "read_run", "run_file_error", "write_json_atomic", "write_text_atomic"]
+           "read_run", "run_file_error", "split_set_name", "write_json_atomic", "write_text_atomic"]

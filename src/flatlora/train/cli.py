@@ -13,6 +13,8 @@ import os
 import sys
 import textwrap
 
+from .._extras import require
+
 _DESCRIPTION = (
     "Fine-tune a model with LoRA or Flat-LoRA from one YAML recipe, on transformers' Trainer / Seq2SeqTrainer or "
     "TRL's SFTTrainer (several GPUs: accelerate launch -m flatlora train RECIPE.yaml). Every recipe key is also a "
@@ -64,6 +66,7 @@ def run_train(ns: argparse.Namespace) -> int:
         check_local_files(recipe)  # a look at the file system; nothing is loaded
         print(recipe.to_yaml(), end="")
         return 0
+    require("datasets", "flatlora train")
     from .runner import train
 
     with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its log lines to stdout

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .._extras import require
 from .sections import DataSource, TaskSpec, template_fields
 
 if TYPE_CHECKING:
@@ -41,8 +42,9 @@ def _hub_hint(src: DataSource) -> str:
 
 def load_source(src: DataSource, role: str, cache_dir: str | None = None) -> "Dataset":
     """``datasets.load_dataset(path, name, split=..., data_files=...)``, then renames, filters and max_samples."""
-    import datasets
     from huggingface_hub import constants
+
+    datasets = require("datasets", "flatlora train")
 
     key = f"data.{role}"
     kwargs: dict[str, Any] = {"split": src.split}

@@ -24,6 +24,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .._extras import require
+
 _NUMBER = re.compile(r"(?<![\d.])([-−]?)(?:\$\s?)?((?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)(?!\d)")
 _ANSWER_IS = re.compile(r"the answer is", re.IGNORECASE)
 
@@ -84,7 +86,8 @@ def gsm8k_accuracy(generations: Sequence[str], references: Sequence[str]) -> tup
 def classification_metrics(predictions: Sequence[int], labels: Sequence[int], names: Sequence[str]) -> dict[str, float]:
     """``accuracy``, ``f1`` (of class 1 for two classes, as GLUE's MRPC; macro average otherwise) and
     ``matthews_correlation`` (CoLA) with scikit-learn, for the metric names asked for."""
-    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+    sk = require("sklearn.metrics", "flatlora train's classification metrics")
+    accuracy_score, f1_score, matthews_corrcoef = sk.accuracy_score, sk.f1_score, sk.matthews_corrcoef
 
     y_pred, y_true = np.asarray(predictions), np.asarray(labels)
     if y_pred.shape != y_true.shape:

@@ -5,12 +5,20 @@ with the recipe key), never re-implemented."""
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from . import _types
+from .sections import TaskSpec
 
-if TYPE_CHECKING:
-    from .recipe import Recipe
+
+class _Sections(Protocol):
+    """What this module reads of a `flatlora.train.recipe.Recipe` (a protocol: recipe.py imports this module)."""
+
+    lora: dict[str, Any]
+    training: dict[str, Any]
+    task: TaskSpec
+    method: str
+    output_dir: str | None
 
 PEFT_TASK_TYPES = {"sequence-classification": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM", "causal-lm-sft": "CAUSAL_LM",
                    "image-classification": None}
@@ -43,7 +51,7 @@ def section_types(section: str, task_type: str | None) -> dict[str, Any]:
     return _types.field_types(training_class(task_type or "sequence-classification"))
 
 
-def lora_values(recipe: "Recipe") -> dict[str, Any]:
+def lora_values(recipe: _Sections) -> dict[str, Any]:
     from peft import LoraConfig
 
     values = _types.check_mapping(recipe.lora, _types.field_types(LoraConfig), "lora.", "peft.LoraConfig")
@@ -55,7 +63,7 @@ def lora_values(recipe: "Recipe") -> dict[str, Any]:
     return values
 
 
-def lora_config(recipe: "Recipe") -> Any:
+def lora_config(recipe: _Sections) -> Any:
     """The ``peft.LoraConfig`` of the recipe (``ValueError`` naming the ``lora.`` key on a bad value)."""
     from peft import LoraConfig
 
@@ -66,7 +74,7 @@ def lora_config(recipe: "Recipe") -> Any:
         raise ValueError(f"lora: {_first_line(exc)}") from None
 
 
-def training_values(recipe: "Recipe") -> dict[str, Any]:
+def training_values(recipe: _Sections) -> dict[str, Any]:
     """The ``training`` dict checked against the class's fields, with the run's defaults filled in where unset."""
     cls = training_class(recipe.task.type)
     values = _types.check_mapping(recipe.training, _types.field_types(cls), "training.", cls.__name__)
@@ -80,7 +88,7 @@ def training_values(recipe: "Recipe") -> dict[str, Any]:
     return values
 
 
-def training_args(recipe: "Recipe", *, hardware_checks: bool = True) -> Any:
+def training_args(recipe: _Sections, *, hardware_checks: bool = True) -> Any:
     """The recipe's training arguments object. ``hardware_checks=False`` (validation on a machine without the
     recipe's GPU): a setting that only fails for want of a GPU (bf16, fp16, tf32) is validated as if on CPU."""
     cls = training_class(recipe.task.type)
@@ -104,7 +112,7 @@ def training_args(recipe: "Recipe", *, hardware_checks: bool = True) -> Any:
                      f"{cls.__name__})") from None
 
 
-def validate(recipe: "Recipe") -> None:
+def validate(recipe: _Sections) -> None:
     """Check the ``lora`` and ``training`` sections by building the real classes (no GPU needed); their values
     are stored coerced (``"5e-4"`` as PyYAML reads it -> ``0.0005``)."""
     from peft import LoraConfig

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from .._extras import require
 from .metrics import classification_metrics, exact_match
 
 if TYPE_CHECKING:
@@ -197,6 +198,8 @@ def _sft(task, model, tok, train, evals, names) -> TaskData:
 
 def _image(task, model, processor, train, evals, names) -> TaskData:
     import torch
+
+    require("PIL", "flatlora train's image-classification task")
     from datasets import Image
 
     def prep(ds, role):
@@ -229,9 +232,7 @@ def make_trainer(recipe: "Recipe", model: Any, args: Any, proc: Any, data: TaskD
     kwargs: dict[str, Any] = {"model": model, "args": args, "train_dataset": data.train, "eval_dataset": data.eval,
                               "processing_class": proc}
     if recipe.task.type == "causal-lm-sft":
-        from trl import SFTTrainer
-
-        return SFTTrainer(**kwargs)
+        return require("trl", "flatlora train's causal-lm-sft task (TRL's SFTTrainer)").SFTTrainer(**kwargs)
     from transformers import Seq2SeqTrainer, Trainer
 
     kwargs.update(data_collator=data.collator, compute_metrics=data.compute_metrics if data.eval is not None else None,
