@@ -115,12 +115,11 @@ def set_checkpointing(model, on: bool) -> None:
     """Gradient checkpointing of the Llama's decoder layers (non-reentrant: frozen inputs need no grad);
     transformers 5 names it activation checkpointing, older versions gradient checkpointing."""
     base = model.get_base_model()
-    if hasattr(base, "activation_checkpointing_enable"):
-        base.activation_checkpointing_enable({"use_reentrant": False}) if on else base.activation_checkpointing_disable()
-    elif on:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    name = "activation" if hasattr(base, "activation_checkpointing_enable") else "gradient"
+    if on:
+        getattr(base, f"{name}_checkpointing_enable")({"use_reentrant": False})
     else:
-        base.gradient_checkpointing_disable()
+        getattr(base, f"{name}_checkpointing_disable")()
 
 
 def run_config(args, model, spec, device, config: tuple[int, int, bool], layers: int,
@@ -167,12 +166,12 @@ def noise_breakdown(args, model, device) -> dict:
     """One ``W + E`` of every perturbed layer (a step draws it `draws / step` times) and the per-step row norms,
     timed alone per distinct layer shape, with each backend; the base matmuls of the smallest micro-batch."""
     flat = FlatLora(model, FlatLoraConfig(rho=args.rho, seed=args.seed), total_steps=10)
-    out = {}
+    out, tokens = {}, min(t for t, _, _ in args.configs)
     for backend in ("auto", "torch"):
         with noise.use_backend(backend):
             w = flat.target_layers[0].base_weight()
             name = noise.backend_for(w.device, w.dtype)
-            costs = breakdown.layer_costs(flat, 1, min(t for t, _, _ in args.configs), repeats=args.breakdown_repeats, device=device)
+            costs = breakdown.layer_costs(flat, 1, tokens, repeats=args.breakdown_repeats, device=device)
         if name in out:  # auto = torch here (CPU, or no triton)
             continue
         per = breakdown.per_step(costs)
@@ -345,16 +344,17 @@ def main(argv: list[str] | None = None) -> int:
         label = f"{tokens}x{accum}{'+ckpt' if ckpt else ''}"
         left = deadline - time.perf_counter()
         if last is not None:  # the last configuration's round, scaled by tokens per step, for warm-up + min rounds
-            need = (args.warmup + args.min_rounds) * last["round_s"] * (tokens * accum) / (last["tokens"] * last["accum"])
+            scale = tokens * accum / (last["tokens"] * last["accum"])
+            need = (args.warmup + args.min_rounds) * last["round_s"] * scale
             if need > left:
                 result["skipped"].append(label)
                 _log(f"skipped {label}: ~{need:.0f} s needed, {left:.0f} s left")
                 continue
         last = run_config(args, model, spec, device, config, targets, left)
         result["configs"].append(last)
-        exact = last["variants"].get("flat-exact")
-        _log(f"done {label}: {last['rounds']} rounds" + (f", flat-exact x{exact['paired_ratio']:.3f} LoRA, "
-                                                          f"{exact['draws']['per_layer']:.2f} draws/step" if exact else ""))
+        _log(f"done {label}: {last['rounds']} rounds; " + ", ".join(
+            f"{v} x{r['paired_ratio']:.3f} LoRA ({r['draws']['per_layer']:.2f} draws/step)"
+            for v, r in last["variants"].items() if v != "lora"))
         _write(result, out, stem, start)
         if i == 0 and time.perf_counter() < deadline:
             result["breakdown"] = noise_breakdown(args, model, device)
