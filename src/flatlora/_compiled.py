@@ -13,7 +13,7 @@ Like the eager op, they keep nothing between forward and backward but the weight
 Both are tagged ``torch.Tag.cudagraph_unsafe`` (torch versions that have the tag): each reads its seed back as
 a Python int and launches the draw with it, so a CUDA graph captured around them would replay the capture
 step's seed, the same ``E`` every step. Inductor therefore keeps them out of CUDA graphs: under
-``mode="reduce-overhead"`` with graph partitioning (torch's default since 2.9) it captures the pieces between
+``mode="reduce-overhead"`` with graph partitioning (the default in torch 2.13) it captures the pieces between
 them and runs the ops eagerly; without partitioning it does not capture that graph (docs/cost.md).
 """
 
@@ -26,8 +26,7 @@ import torch
 from .noise import add_filter_noise, filter_noise
 from .ops import apply_op, op_bias_grad, op_input_grad
 
-# keep the ops out of CUDA graphs (see the module docstring); an older torch without the tag has no inductor
-# partitioning around custom ops either, and no tag to give
+# keep the ops out of CUDA graphs (see the module docstring); a torch without the tag gets no tags
 _TAGS = {"tags": (torch.Tag.cudagraph_unsafe,)} if hasattr(torch.Tag, "cudagraph_unsafe") else {}
 
 
