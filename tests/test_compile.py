@@ -248,6 +248,20 @@ def test_custom_ops_pass_opcheck():
                                                   torch.float32, "conv", Op("conv", conv).params()))
 
 
+@pytest.mark.skipif(not hasattr(torch.Tag, "cudagraph_unsafe"), reason="this torch has no cudagraph_unsafe tag")
+def test_custom_ops_are_kept_out_of_cuda_graphs():
+    """Each op reads its seed back as a Python int: a captured CUDA graph would replay one step's seed. Tagged
+    ``cudagraph_unsafe``, and inductor's own test for a node (what decides partitions and cudagraph skips)
+    agrees."""
+    from torch._inductor.utils import is_cudagraph_unsafe_fx_node
+
+    graph = torch.fx.Graph()
+    for op in (torch.ops.flatlora.perturbed.default, torch.ops.flatlora.perturbed_input_grad.default):
+        assert torch.Tag.cudagraph_unsafe in op.tags
+        assert is_cudagraph_unsafe_fx_node(graph.call_function(op, ()))
+    assert not is_cudagraph_unsafe_fx_node(graph.call_function(torch.ops.aten.mm.default, ()))
+
+
 def test_spec_taken_at_the_first_forward_under_compile(monkeypatch):
     """Under FSDP2 the spec is taken at the layer's first forward of the step (weights whole there), in a graph
     break; simulated here by reporting every layer as sharded. Same numbers, no new graph after step 1."""

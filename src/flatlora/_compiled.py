@@ -9,6 +9,12 @@ travels as its tensors (the 63-bit seed as an int64 scalar, the ``(m,)`` fp32 ro
 for the same graph, not a new graph. They cover the frozen-base fast path (`flatlora.ops.Op.fits_custom_op`);
 `flatlora.exact.perturbed_op_compiled` calls them and sends the rest to the eager `flatlora.exact.PerturbedOp`.
 Like the eager op, they keep nothing between forward and backward but the weight reference and the spec.
+
+Both are tagged ``torch.Tag.cudagraph_unsafe`` (torch versions that have the tag): each reads its seed back as
+a Python int and launches the draw with it, so a CUDA graph captured around them would replay the capture
+step's seed, the same ``E`` every step. Inductor therefore keeps them out of CUDA graphs: under
+``mode="reduce-overhead"`` with graph partitioning (the default in torch 2.13) it captures the pieces between
+them and runs the ops eagerly; without partitioning it does not capture that graph (docs/cost.md).
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ import torch
 
 from .noise import add_filter_noise, filter_noise
 from .ops import apply_op, op_bias_grad, op_input_grad
+
+# keep the ops out of CUDA graphs (see the module docstring); a torch without the tag gets no tags
+_TAGS = {"tags": (torch.Tag.cudagraph_unsafe,)} if hasattr(torch.Tag, "cudagraph_unsafe") else {}
 
 
 def _noisy_weight(weight: torch.Tensor | None, scale: torch.Tensor, seed: torch.Tensor, shape: list[int],
@@ -44,7 +53,7 @@ def _functional(kind: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | N
     return apply_op(kind, _amp_cast(x, amp_dtype), _amp_cast(w, amp_dtype), _amp_cast(b, amp_dtype), params)
 
 
-@torch.library.custom_op("flatlora::perturbed", mutates_args=())
+@torch.library.custom_op("flatlora::perturbed", mutates_args=(), **_TAGS)
 def perturbed(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], scale: torch.Tensor,
               seed: torch.Tensor, shape: list[int], kind: str, params: list[int],
               amp_dtype: Optional[torch.dtype]) -> torch.Tensor:
@@ -65,7 +74,7 @@ def _perturbed_fake(x, weight, bias, scale, seed, shape, kind, params, amp_dtype
     return _functional(kind, x, w, bias, params, amp_dtype)
 
 
-@torch.library.custom_op("flatlora::perturbed_input_grad", mutates_args=())
+@torch.library.custom_op("flatlora::perturbed_input_grad", mutates_args=(), **_TAGS)
 def perturbed_input_grad(g: torch.Tensor, weight: Optional[torch.Tensor], scale: torch.Tensor, seed: torch.Tensor,
                          shape: list[int], x_shape: list[int], x_dtype: torch.dtype, kind: str,
                          params: list[int]) -> torch.Tensor:

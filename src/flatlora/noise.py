@@ -87,7 +87,7 @@ def _triton_module():
 
 
 def _kernel_runs(mod, device: torch.device) -> bool:
-    """Whether the kernel compiles and runs on ``device`` (tried once per device, on a 1x4 draw): in ``"auto"``
+    """Whether the kernel compiles and runs on ``device`` (tried once per device: `_triton_noise.probe`): in ``"auto"``
     a failure warns and leaves the device on torch's generators for the whole process, so forward and
     backward never draw with different backends."""
     key = str(device)
