@@ -40,8 +40,12 @@ def _is_gpt2_conv1d(m: nn.Module) -> bool:
 def _stock_linear_deltas() -> frozenset:
     """PEFT's ``get_delta_weight`` implementations that return ``transpose(B @ A, fan_in_fan_out) * scaling``:
     LoRA's ``Linear`` and, when bitsandbytes is installed, its 8-bit and 4-bit layers."""
-    from peft.tuners.lora import bnb, layer
+    from peft.tuners.lora import layer
 
+    try:  # peft's lora/bnb.py imports bitsandbytes unguarded (0.18, 0.21): without it there are no bnb layers
+        from peft.tuners.lora import bnb
+    except ImportError:
+        bnb = None
     classes = [layer.Linear] + [getattr(bnb, n) for n in ("Linear8bitLt", "Linear4bit") if hasattr(bnb, n)]
     return frozenset(c.get_delta_weight for c in classes)
 
