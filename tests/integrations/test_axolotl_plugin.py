@@ -133,7 +133,7 @@ def test_kernels_set_off_by_the_user_are_fine():
 
 
 @pytest.mark.parametrize("extra, message", [
-    ({"flat_lora_rh": 0.1}, r"unknown Axolotl config key 'flat_lora_rh' .* flat_lora_rho"),
+    ({"flat_lora_rh": 0.1}, r"^Axolotl config: unknown key 'flat_lora_rh'; the flat_lora_\* keys are: flat_lora_rho"),
     ({"flat_lora_rho": -1}, r"^Axolotl config: flat_lora_rho: rho=-1"),
     ({"flat_lora_schedule": "zigzag"}, r"^Axolotl config: flat_lora_schedule: unknown schedule 'zigzag'"),
     ({"adapter": "llama-adapter"}, r"^adapter: llama-adapter in the Axolotl config; .* adapter: lora"),

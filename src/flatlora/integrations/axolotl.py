@@ -37,8 +37,9 @@ import logging
 from typing import Any, Mapping
 
 from ..config import FlatLoraConfig
-from ..hf_args import PREFIX, FlatLoraArguments
+from ..hf_args import FlatLoraArguments
 from ._fused import check_fused_paths
+from ._keys import config_from_keys
 
 __all__ = ["FlatLoraAxolotlArgs", "FlatLoraPlugin", "KERNEL_KEYS", "flat_lora_config"]
 
@@ -52,19 +53,10 @@ _LOG = logging.getLogger(__name__)
 def flat_lora_config(cfg: Mapping[str, Any]) -> FlatLoraConfig:
     """The `FlatLoraConfig` of the ``flat_lora_*`` keys of an Axolotl config (a dict or Axolotl's ``DictDefault``).
 
-    Unset keys (absent or None) take `FlatLoraArguments`' defaults. Raises ``ValueError`` naming the key for an
-    unknown ``flat_lora_*`` key (a typo would otherwise be dropped by Axolotl's validation) or a bad value.
+    Unset keys take `FlatLoraArguments`' defaults. Raises ``ValueError`` naming the key for an unknown
+    ``flat_lora_*`` key (Axolotl's validation would drop it silently) or a bad value.
     """
-    known = {f.name for f in dataclasses.fields(FlatLoraArguments)}
-    given = {k: v for k, v in cfg.items() if isinstance(k, str) and k.startswith(PREFIX)}
-    unknown = sorted(set(given) - known)
-    if unknown:
-        raise ValueError(f"unknown Axolotl config key {unknown[0]!r} for {PLUGIN}; the flat_lora_* keys are: "
-                         f"{', '.join(sorted(known))}")
-    try:
-        return FlatLoraArguments(**{k: v for k, v in given.items() if v is not None}).to_config()
-    except ValueError as exc:  # "--flat_lora_rho: rho=-1 must be ...": YAML keys have no dashes
-        raise ValueError(f"Axolotl config: {str(exc).replace('--' + PREFIX, PREFIX)}") from None
+    return config_from_keys(cfg, "Axolotl config")
 
 
 class FlatLoraPluginHooks:
