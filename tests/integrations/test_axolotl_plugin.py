@@ -196,17 +196,22 @@ def plugin_manager():
     PluginManager._instance = None
 
 
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "axolotl_lora.yml"
+
+
 def _write_cfg(tmp_path: Path, **extra) -> Path:
+    """examples/axolotl_lora.yml with the model, data, size and outputs replaced by local tiny ones (``extra``
+    overrides; None removes a key)."""
     model = _tiny_lm.write_model(tmp_path / "model")
     data = _tiny_lm.write_alpaca(tmp_path / "data.jsonl")
-    cfg = {"base_model": str(model), "adapter": "lora", "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
-           "lora_target_linear": True, "plugins": [PLUGIN], "flat_lora_rho": 0.1, "flat_lora_seed": 1,
-           "datasets": [{"path": str(data), "ds_type": "json", "type": "alpaca"}], "sequence_len": 64,
-           "micro_batch_size": 2, "gradient_accumulation_steps": 2, "max_steps": 3, "num_epochs": 1,
-           "learning_rate": 0.001, "optimizer": "adamw_torch", "lr_scheduler": "constant", "seed": 42,
-           "output_dir": str(tmp_path / "out"), "dataset_prepared_path": str(tmp_path / "prepared"),
-           "logging_steps": 1, "save_strategy": "no", "bf16": False, "fp16": False, "val_set_size": 0,
-           "use_tensorboard": True, **extra}
+    cfg = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
+    assert cfg["plugins"] == [PLUGIN] and cfg["adapter"] == "lora"
+    cfg.update({"base_model": str(model), "lora_r": 4, "lora_alpha": 8, "flat_lora_rho": 0.1, "flat_lora_seed": 1,
+                "datasets": [{"path": str(data), "ds_type": "json", "type": "alpaca"}], "sequence_len": 64,
+                "micro_batch_size": 2, "gradient_accumulation_steps": 2, "max_steps": 3,
+                "learning_rate": 0.001, "lr_scheduler": "constant", "warmup_ratio": None,
+                "output_dir": str(tmp_path / "out"), "dataset_prepared_path": str(tmp_path / "prepared"),
+                "logging_steps": 1, "save_strategy": "no", "bf16": False, "val_set_size": 0, **extra})
     cfg = {k: v for k, v in cfg.items() if v is not None}
     path = tmp_path / "config.yml"
     path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
