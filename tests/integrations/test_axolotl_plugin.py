@@ -270,7 +270,8 @@ def test_real_kernel_patches_are_detected_and_refused(tmp_path, plugin_manager):
     read = {n for p in paths for n in p.layers}
     lora = {n for n, m in trainer.model.named_modules() if hasattr(m, "lora_A")}
     assert lora == read  # every LoRA layer sits behind a kernel
-    with pytest.raises(ValueError, match=r"set lora_mlp_kernel: false, lora_o_kernel: false, lora_qkv_kernel: false in the Axolotl config"):
+    keys = "set lora_mlp_kernel: false, lora_o_kernel: false, lora_qkv_kernel: false in the Axolotl config"
+    with pytest.raises(ValueError, match=keys):
         fl_axolotl.FlatLoraPluginHooks().post_trainer_create(DictDefault(base_cfg()), trainer)
 
     clean = _trainer(tmp_path, target_modules=every)

@@ -81,7 +81,8 @@ class FlatLoraPluginHooks:
                 f"({PLUGIN} switches the LoRA kernels off)")
         for key in KERNEL_KEYS:
             cfg[key] = False
-        _LOG.warning("%s: %s set to false (fused LoRA kernels bypass the Flat-LoRA noise)", PLUGIN, ", ".join(KERNEL_KEYS))
+        _LOG.warning("%s: %s set to false (fused LoRA kernels bypass the Flat-LoRA noise)", PLUGIN,
+                     ", ".join(KERNEL_KEYS))
 
     def get_input_args(self) -> str:
         return f"{__name__}.FlatLoraAxolotlArgs"

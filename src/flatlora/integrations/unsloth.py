@@ -48,12 +48,12 @@ from ._fused import FusedPath, check_fused_paths, fused_lora_paths
 __all__ = ["PrepareCallback", "check", "prepare"]
 
 
-def original_apply_qkv(self: nn.Module, X):
+def _original_apply_qkv(self: nn.Module, X):
     """Unsloth's ``original_apply_qkv`` (models/llama.py), called as ``self.apply_qkv(self, X)``."""
     return self.q_proj(X), self.k_proj(X), self.v_proj(X)
 
 
-def original_apply_o(self: nn.Module, X):
+def _original_apply_o(self: nn.Module, X):
     """Unsloth's ``original_apply_o`` (models/llama.py)."""
     return self.o_proj(X)
 
@@ -85,9 +85,9 @@ def _restore(module: nn.Module, path: FusedPath) -> None:
     if path.on_class:  # fast_swiglu_inference as the class's forward
         module.forward = types.MethodType(_swiglu_forward, module)
     elif path.attribute == "apply_qkv":
-        module.apply_qkv = original_apply_qkv
+        module.apply_qkv = _original_apply_qkv
     elif path.attribute == "apply_o":
-        module.apply_o = original_apply_o
+        module.apply_o = _original_apply_o
     elif path.attribute == "forward":
         del module.forward
     else:  # _unsloth_forward
