@@ -24,7 +24,7 @@ from typing import Any
 
 from ..config import FlatLoraConfig
 from ..hf_args import PREFIX, FlatLoraArguments
-from ._keys import KEYS, config_from_keys, flat_lora_keys
+from ._keys import config_from_keys, flat_lora_keys, reject_unknown
 
 __all__ = ["callbacks", "prepare", "run", "split_args"]
 
@@ -41,10 +41,8 @@ def split_args(args: dict[str, Any] | list[str]) -> tuple[FlatLoraConfig, dict[s
 
         flat_args, rest = HfArgumentParser(FlatLoraArguments, allow_abbrev=False).parse_args_into_dataclasses(
             args=args, return_remaining_strings=True)
-        unknown = [item.partition("=")[0] for item in rest if item.startswith("--" + PREFIX)]
-        if unknown:
-            raise ValueError(f"LLaMA-Factory arguments: unknown key {unknown[0]!r}; the flat_lora_* keys are: "
-                             f"{', '.join(KEYS)}")
+        reject_unknown([item.partition("=")[0] for item in rest if item.startswith("--" + PREFIX)],
+                       "LLaMA-Factory arguments")
         return flat_args.to_config(), rest
     if not isinstance(args, dict):
         raise ValueError(f"args must be a dict (a YAML config) or a list of command-line strings, got "
