@@ -191,3 +191,28 @@ def test_a_layer_overriding_get_delta_weight_is_followed_and_merged_weights_carr
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         assert not got.requires_grad and got.grad_fn is None
     assert not torch.allclose(gated, plain[PREFIX + "fc1"], rtol=1e-3)  # the gate matters
+
+
+def test_the_exact_mode_runs_without_bitsandbytes(monkeypatch):
+    """The core install has no bitsandbytes, and peft's lora/bnb.py imports it unguarded (peft 0.18 and 0.21):
+    the merged weights and the noise come out as with it."""
+    import sys
+
+    import peft.tuners.lora
+
+    from flatlora import targets
+
+    model = toy()
+    with_bnb = FlatLora(model, FlatLoraConfig(rho=0.1), total_steps=T).noise(T)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` raises ImportError
+    monkeypatch.delitem(sys.modules, "peft.tuners.lora.bnb", raising=False)
+    monkeypatch.delattr(peft.tuners.lora, "bnb", raising=False)
+    targets._stock_linear_deltas.cache_clear()
+    try:
+        without = FlatLora(model, FlatLoraConfig(rho=0.1), total_steps=T).noise(T)
+        assert targets._stock_linear_deltas() == frozenset({peft.tuners.lora.layer.Linear.get_delta_weight})
+    finally:
+        targets._stock_linear_deltas.cache_clear()
+    assert with_bnb.keys() == without.keys()
+    for name in with_bnb:
+        torch.testing.assert_close(without[name], with_bnb[name], rtol=0, atol=0)
