@@ -1,10 +1,12 @@
 """Trainer + FlatLoraCallback under DeepSpeed ZeRO-2/ZeRO-3 and, as the reference, DDP (gloo, CPU).
 
-``torchrun --standalone --nproc_per_node=W deepspeed_worker.py OUT ddp plain zero2 zero3`` trains the same
-tiny BERT (LoRA on query/value) once per backend named (``plain``: DDP with rho = 0), ``MAX_STEPS`` optimizer
-steps of ``ACCUM`` micro-batches per rank, and writes ``OUT/rank{r}.pt`` with one entry per backend (a
-backend that raises stores its traceback under ``error``). Data are sequential, so every backend sees the
-same micro-batches on each rank, and the noise is per rank (the default), so the same noise too.
+``torchrun --standalone --nproc_per_node=W deepspeed_worker.py OUT ddp plain zero3 ddp-dora zero3-dora ...``
+trains once per backend named: a tiny BERT (LoRA on query/value), or with ``-dora`` a tiny Llama with DoRA
+(whose noise is added beside the layer by a hook, not through the swapped base forward); ``plain`` is DDP
+with rho = 0. Each run takes ``MAX_STEPS`` optimizer steps of ``ACCUM`` micro-batches per rank and writes
+``OUT/rank{r}.pt`` with one entry per backend (a backend that raises stores its traceback under ``error``).
+Data are sequential, so every backend sees the same micro-batches on each rank, and the noise is per rank
+(the default), so the same noise too.
 """
 
 from __future__ import annotations
@@ -20,18 +22,19 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from _dist_common import example, save_rank
 from flatlora import FlatLora, FlatLoraCallback, FlatLoraConfig
-from kit.models import dist_bert
+from kit.models import dist_bert, dist_llama
 
 BATCH, ACCUM, MAX_STEPS, RHO, SEED = 2, 2, 3, 0.5, 5
 
 
-def zero_config(stage: int) -> dict:
+def zero_config(stage: int, persist_below: int = 0) -> dict:
     """A DeepSpeed config as users give it to ``TrainingArguments(deepspeed=...)``; "auto" values come from
-    the Trainer. A persistence threshold of 0 partitions even this tiny model's parameters under ZeRO-3
-    (by default DeepSpeed keeps parameters under 1e5 elements whole on every rank)."""
+    the Trainer. By default DeepSpeed keeps parameters under 1e5 elements whole on every rank, which would be
+    all of these tiny models: ``persist_below=0`` partitions every parameter under ZeRO-3; 500 partitions the
+    base weights but keeps the LoRA factors and DoRA magnitudes whole, as the default does in a real LLM."""
     zero = {"stage": stage}
     if stage == 3:
-        zero.update(stage3_param_persistence_threshold=0)
+        zero.update(stage3_param_persistence_threshold=persist_below)
     return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
             "train_batch_size": "auto", "gradient_clipping": "auto", "zero_optimization": zero,
             "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False}
@@ -62,6 +65,7 @@ class Recorder(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kw):
         self.model = model
         self.param_kinds = sorted({"zero3" if hasattr(p, "ds_id") else "whole" for p in model.parameters()})
+        self.persistent = sorted(n for n, p in model.named_parameters() if getattr(p, "ds_persist", False))
         try:
             FlatLora(model, FlatLoraConfig(mode="inplace"))
             self.inplace_error = None
@@ -77,19 +81,26 @@ class Recorder(TrainerCallback):
         self.stepped_before_restore.append(any(not torch.equal(now[n], v) for n, v in self.before.items()))
 
 
+def lm_example(i: int) -> dict[str, torch.Tensor]:
+    ids = example(i)["input_ids"]
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
 def run(backend: str, world: int) -> dict:
-    model = dist_bert(seed=0)
+    engine, _, variant = backend.partition("-")
+    dora = variant == "dora"
+    model = dist_llama(seed=0, dora=True) if dora else dist_bert(seed=0)
     start = snapshot(model, trainable=False)
-    flat_cb = FlatLoraCallback(FlatLoraConfig(rho=0.0 if backend == "plain" else RHO, seed=SEED))
+    flat_cb = FlatLoraCallback(FlatLoraConfig(rho=0.0 if engine == "plain" else RHO, seed=SEED))
     rec = Recorder(flat_cb)
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
             output_dir=out, per_device_train_batch_size=BATCH, gradient_accumulation_steps=ACCUM,
             max_steps=MAX_STEPS, learning_rate=1e-2, use_cpu=True, ddp_backend="gloo" if world > 1 else None,
-            deepspeed=zero_config(int(backend[-1])) if backend.startswith("zero") else None,
+            deepspeed=zero_config(int(engine[-1]), 500 if dora else 0) if engine.startswith("zero") else None,
             report_to=[], save_strategy="no", logging_strategy="no", remove_unused_columns=False, seed=0,
             train_sampling_strategy="sequential", dataloader_num_workers=0, disable_tqdm=True)
-        data = [example(i) for i in range(BATCH * ACCUM * MAX_STEPS * world)]
+        data = [(lm_example if dora else example)(i) for i in range(BATCH * ACCUM * MAX_STEPS * world)]
         trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[rec, flat_cb])
         micro_losses = {}
 
@@ -103,7 +114,8 @@ def run(backend: str, world: int) -> dict:
         specs = {tg.name: (spec.seed, spec.scale.clone(), spec.shape) for tg, spec in
                  flat_cb.flat.noise_specs(MAX_STEPS)}
     end = snapshot(model, trainable=False)
-    return dict(world=trainer.args.world_size, param_kinds=rec.param_kinds, micro_losses=micro_losses,
+    return dict(world=trainer.args.world_size, param_kinds=rec.param_kinds, persistent=rec.persistent,
+                micro_losses=micro_losses,
                 adapters=snapshot(model, trainable=True), steps=trainer.state.global_step,
                 base_unchanged=all(torch.equal(end[n], w) for n, w in start.items()),
                 perturbed_pre_opt=rec.perturbed_pre_opt, stepped_before_restore=rec.stepped_before_restore,
