@@ -68,12 +68,12 @@ def test_zero3_parameters_refuse_the_inplace_mode():
         FlatLora(model, FlatLoraConfig(mode="inplace"))
 
 
-def test_fsdp1_marks_are_refused_at_construction_and_at_perturb():
+def test_fsdp1_marks_are_refused_at_construction_perturb_and_noise_specs():
     model = toy_model()
     clean = copy.deepcopy(base_state(model))
     flat = FlatLora(model, CFG, total_steps=T)  # built before "wrapping"
     model.base_model.model.fc2.base_layer.weight._fsdp_flattened = True  # what FSDP1 marks (use_orig_params=True)
-    for call in (lambda: FlatLora(model, CFG, total_steps=T), lambda: flat.perturb(T)):
+    for call in (lambda: FlatLora(model, CFG, total_steps=T), lambda: flat.perturb(T), lambda: flat.noise_specs(T)):
         with pytest.raises(ValueError, match=r"^Flat-LoRA does not support FSDP1 .*'base_model\.model\.fc2\.base_layer"
                                              r"\.weight' is flattened by FSDP1.*fsdp_version: 2"):
             call()

@@ -122,6 +122,7 @@ class FlatLora:
         Under FSDP2 or ZeRO-3 this all-gathers each layer's shards in turn: call it on every rank together.
         """
         sigma = self.sigma(t)
+        self._check_not_fsdp1()
         return [(target, self._layer_spec(target, t, sigma)) for target in self._targets if target.in_use()]
 
     def _layer_spec(self, target: Target, t: int, sigma: float, in_forward: bool = False) -> NoiseSpec:
@@ -168,9 +169,7 @@ class FlatLora:
                 f"the model is already perturbed for step {self._applied.step}; perturbed() does not nest: "
                 "leave the first context (or call restore()) before perturbing again")
         sigma = self.sigma(t)
-        # FSDP1 may have wrapped the model after FlatLora was built (the model given here is the one inside it)
-        _sharding.check_not_fsdp1((f"{tg.name}.{n}".rstrip("."), m) for tg in self._targets
-                                  for n, m in tg.module.named_modules())
+        self._check_not_fsdp1()
         if self.mode == "inplace":
             self._check_inplace()
         if sigma > 0:
@@ -252,6 +251,11 @@ class FlatLora:
         check_coverage(self.model, self._targets, self.config.target_modules, self.config.exclude_modules,
                        f"step {t}: sigma={sigma:.3g}", key)
         self._coverage_key = key
+
+    def _check_not_fsdp1(self) -> None:
+        """FSDP1 may have wrapped the model after FlatLora was built (the model given here being the one inside)."""
+        _sharding.check_not_fsdp1((f"{tg.name}.{n}".rstrip("."), m) for tg in self._targets
+                                  for n, m in tg.module.named_modules())
 
     def _check_inplace(self) -> None:
         for target in self._targets:

@@ -25,9 +25,9 @@ def ranks(tmp_path_factory) -> list[dict]:
 def test_flatlora_on_an_fsdp1_model_raises_one_error_naming_fsdp2(ranks, case):
     for r in ranks:
         c = r[case]
-        # on the wrapper, on the model inside it (what the Trainer hands the callback), and at perturb() when
-        # FlatLora was built before the model was wrapped
-        for where in ("on_wrapper", "on_inner", "perturb_after_wrap"):
+        # on the wrapper, on the model inside it (what the Trainer hands the callback), and at perturb() and
+        # noise_specs() when FlatLora was built before the model was wrapped
+        for where in ("on_wrapper", "on_inner", "perturb_after_wrap", "noise_specs_after_wrap"):
             error = c[where]
             assert error is not None, where
             assert error.startswith("Flat-LoRA does not support FSDP1 (torch FullyShardedDataParallel)"), error
