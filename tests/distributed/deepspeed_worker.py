@@ -36,8 +36,7 @@ def zero_config(stage: int, persist_below: int = 0) -> dict:
     if stage == 3:
         zero.update(stage3_param_persistence_threshold=persist_below)
     return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-            "train_batch_size": "auto", "gradient_clipping": "auto", "zero_optimization": zero,
-            "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False}
+            "train_batch_size": "auto", "gradient_clipping": "auto", "zero_optimization": zero}
 
 
 def gathered(params):
