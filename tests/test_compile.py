@@ -265,9 +265,9 @@ def test_custom_ops_are_kept_out_of_cuda_graphs():
 def test_spec_taken_at_the_first_forward_under_compile(monkeypatch):
     """Under FSDP2 the spec is taken at the layer's first forward of the step (weights whole there), in a graph
     break; simulated here by reporting every layer as sharded. Same numbers, no new graph after step 1."""
-    import flatlora._fsdp
+    import flatlora._sharding
 
-    monkeypatch.setattr(flatlora._fsdp, "sharded", lambda target: True)
+    monkeypatch.setattr(flatlora._sharding, "sharded", lambda target: True)
     model = toy_model().eval()
     ref = copy.deepcopy(model)
     cfg = FlatLoraConfig(rho=0.5, seed=7)

@@ -19,9 +19,9 @@ Two ways to run at ``W + E``; both draw the same ``E`` for the same ``(seed, t, 
 
 The noise scale is computed once per step from the merged weight (see `flatlora.targets`), before any
 noise is applied, and kept as an ``(m,)`` fp32 vector per layer. The exact mode computes it in ``perturb``
-(outside any ``torch.compile``'d forward), except under FSDP2, which holds the weights as DTensor row shards
-outside forward: there at each layer's first forward of the step, where they are whole, reused for the later
-micro-batches (the in-place mode refuses FSDP2).
+(outside any ``torch.compile``'d forward), except under FSDP2 and DeepSpeed ZeRO-3, which hold the weights as
+shards outside forward: there at each layer's first forward of the step, where they are whole, reused for the
+later micro-batches (the in-place mode refuses both; `flatlora._sharding`). FSDP1 is refused.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from . import _fsdp
+from . import _sharding
 from ._checks import check_int
 from .config import FlatLoraConfig
 from .exact import ExactLayer
@@ -72,6 +72,7 @@ class FlatLora:
             raise ValueError(f"config must be a FlatLoraConfig, got {type(config).__name__}")
         if check_int("total_steps", total_steps) <= 0:
             raise ValueError(f"total_steps={total_steps!r} must be > 0: the number of optimizer steps of the run")
+        _sharding.check_not_fsdp1(model.named_modules())
         self.model = model
         self.config = config
         self.total_steps = total_steps
@@ -101,7 +102,7 @@ class FlatLora:
     def noise_rank(self) -> int:
         """The process rank that enters the noise seed: this process's data-parallel rank, or 0 on every rank
         with ``same_noise_across_ranks`` (not the LoRA rank ``r``)."""
-        return 0 if self.config.same_noise_across_ranks else _fsdp.process_rank()
+        return 0 if self.config.same_noise_across_ranks else _sharding.process_rank()
 
     @property
     def rank(self) -> int:
@@ -118,29 +119,32 @@ class FlatLora:
         """Seed and row std of every layer's noise at step ``t``, from the current merged weights.
 
         Layers holding only inactive adapters are left out (`Target.in_use`): they are not perturbed now.
-        Under FSDP2 this all-gathers each layer's shards in turn: call it on every rank together.
+        Under FSDP2 or ZeRO-3 this all-gathers each layer's shards in turn: call it on every rank together.
         """
         sigma = self.sigma(t)
+        self._check_not_fsdp1()
         return [(target, self._layer_spec(target, t, sigma)) for target in self._targets if target.in_use()]
 
-    def _layer_spec(self, target: Target, t: int, sigma: float) -> NoiseSpec:
+    def _layer_spec(self, target: Target, t: int, sigma: float, in_forward: bool = False) -> NoiseSpec:
         """One layer's `NoiseSpec` at step ``t`` (`flatlora.noise.layer_noise_spec`): row norms of its whole
-        merged weight in fp32, seed from ``(config.seed, t, noise_rank, target.index)``."""
-        with _fsdp.whole_params(self.model, target), _no_autocast(target.base.weight):
+        merged weight in fp32, seed from ``(config.seed, t, noise_rank, target.index)``. ``in_forward``: called
+        from the layer's forward, where sharded parameters are gathered already (`flatlora._sharding.whole_params`)."""
+        with _sharding.whole_params(self.model, target, in_forward), _no_autocast(target.base.weight):
             w = target.merged_weight()
         return layer_noise_spec(w, sigma, seed=self.config.seed, step=t, rank=self.noise_rank, layer=target.index,
                                 keep=self.config.keep_noisy_weight)
 
-    def _step_spec(self, applied: _Applied, target: Target) -> NoiseSpec:
+    def _step_spec(self, applied: _Applied, target: Target, in_forward: bool) -> NoiseSpec:
         """The layer's spec for the applied step, computed at its first use and then reused.
 
-        `_apply_exact` asks for it in ``perturb``, or, under FSDP2, at the layer's first forward of the step,
-        where the weights are whole (all-gathered for the forward); A and B do not change within a step, so
-        every micro-batch (and backward) shares it.
+        `_apply_exact` asks for it in ``perturb``, or, under FSDP2 and ZeRO-3, at the layer's first forward of the
+        step, where the weights are whole (gathered for the forward); A and B do not change within a step, so
+        every micro-batch (and backward) shares it. (Under DeepSpeed the optimizer steps inside the last
+        micro-batch's backward, after every forward of the step: the spec is taken by then.)
         """
         spec = applied.cache.get(target.index)
         if spec is None:
-            spec = applied.cache[target.index] = self._layer_spec(target, applied.step, applied.sigma)
+            spec = applied.cache[target.index] = self._layer_spec(target, applied.step, applied.sigma, in_forward)
             applied.specs.append((target, spec))
         return spec
 
@@ -165,6 +169,7 @@ class FlatLora:
                 f"the model is already perturbed for step {self._applied.step}; perturbed() does not nest: "
                 "leave the first context (or call restore()) before perturbing again")
         sigma = self.sigma(t)
+        self._check_not_fsdp1()
         if self.mode == "inplace":
             self._check_inplace()
         if sigma > 0:
@@ -175,10 +180,11 @@ class FlatLora:
                 applied.specs = self.noise_specs(t)  # all norms before any noise is added
                 for target, spec in applied.specs:
                     applied.undo.append(self._apply_inplace(target, spec))
-            elif sigma > 0:  # exact: specs taken now, or at each layer's first forward under FSDP2 (_apply_exact)
+            elif sigma > 0:  # exact: specs taken now, or at each layer's first forward when sharded (_apply_exact)
                 for target in (tg for tg in self._targets if tg.in_use()):
-                    spec = functools.partial(self._step_spec, applied, target)
-                    applied.undo.append(self._apply_exact(target, spec))
+                    in_forward = _sharding.sharded(target)  # whole only once forward gathers them
+                    spec = functools.partial(self._step_spec, applied, target, in_forward)
+                    applied.undo.append(self._apply_exact(target, spec, now=not in_forward))
         except BaseException:
             _undo_all(applied.undo)
             raise
@@ -191,18 +197,19 @@ class FlatLora:
             _undo_all(applied.undo)
 
     # --- the two modes ---------------------------------------------------------------------------------
-    def _apply_exact(self, target: Target, spec: Callable[[], NoiseSpec]) -> Callable[[], None]:
-        """Route the layer through the perturbed op (`flatlora.exact.ExactLayer`); ``spec()`` gives its `NoiseSpec`.
+    def _apply_exact(self, target: Target, spec: Callable[[], NoiseSpec], now: bool) -> Callable[[], None]:
+        """Route the layer through the perturbed op (`flatlora.exact.ExactLayer`); ``spec()`` gives its `NoiseSpec`,
+        taken ``now`` or at the layer's first forward.
 
-        Weights are read at call time, so under FSDP2 the op sees the whole (all-gathered) weight, and
-        backward (after FSDP2 has all-gathered again) regenerates the same ``E`` from the spec's seed.
+        Weights are read at call time, so under FSDP2 or ZeRO-3 the op sees the whole (gathered) weight, and
+        backward (after they have gathered it again) regenerates the same ``E`` from the spec's seed.
         """
         layer = self._exact_layers.get(target)  # one route per target, reused every step
         if layer is None:
             layer = self._exact_layers[target] = ExactLayer(target.base, target.op, target.transposed)
-        # The spec is taken now, outside any torch.compile'd region (its Python cannot be traced); under FSDP2
-        # the weights are shards until forward gathers them, so at the layer's first forward (a graph break).
-        layer.begin(spec, now=not _fsdp.sharded(target))
+        # The spec is taken now, outside any torch.compile'd region (its Python cannot be traced); under FSDP2 or
+        # ZeRO-3 the weights are shards until forward gathers them, so at the layer's first forward (a graph break).
+        layer.begin(spec, now=now)
         if noise_beside(target):  # the layer's output is not one base op(x, W, b): add op(x, E) to it
             handles = [target.module.register_forward_pre_hook(layer.take_spec),
                        target.module.register_forward_hook(layer.add_noise)]
@@ -245,6 +252,11 @@ class FlatLora:
                        f"step {t}: sigma={sigma:.3g}", key)
         self._coverage_key = key
 
+    def _check_not_fsdp1(self) -> None:
+        """FSDP1 may have wrapped the model after FlatLora was built (the model given here being the one inside)."""
+        _sharding.check_not_fsdp1((f"{tg.name}.{n}".rstrip("."), m) for tg in self._targets
+                                  for n, m in tg.module.named_modules())
+
     def _check_inplace(self) -> None:
         for target in self._targets:
             w = target.base.weight
@@ -253,8 +265,10 @@ class FlatLora:
                 why = f"is quantized ({type(w).__name__})"
             elif w.dtype != torch.float32:
                 why = f"is {w.dtype}, where adding and subtracting the noise does not cancel"
-            elif _fsdp.is_dtensor(w):
+            elif _sharding.is_dtensor(w):
                 why = "is a sharded DTensor (FSDP), which is only whole inside forward"
+            elif _sharding.is_zero3(w):
+                why = "is a DeepSpeed ZeRO-3 partition (ds_id), which is only whole inside forward"
             elif target.dora_adapter() is not None:
                 why = "is a DoRA layer, whose weight normalisation would see the noise"
             if why:

@@ -197,7 +197,7 @@ class ExactLayer:
         def forward(x: torch.Tensor) -> torch.Tensor:
             w, b = weights()
             if torch.compiler.is_compiling():
-                if not self.ready:  # only under FSDP2 (see FlatLora._apply_exact): a graph break
+                if not self.ready:  # only under FSDP2 or ZeRO-3 (see FlatLora._apply_exact): a graph break
                     _take_spec(self)
                 return perturbed_op_compiled(x, w, b, self.seed, self.scale, self.shape, op)
             return perturbed_op(x, w, b, self.spec(), op)

@@ -1,6 +1,6 @@
 """All torchrun checks in one launch (starting Python with torch, transformers and PEFT is most of the cost):
 ``torchrun --standalone --nproc_per_node=2 suite_worker.py OUT`` writes ``OUT/rank{r}.pt`` with one entry per
-section (``ddp``, ``fsdp2``, ``trainer``); a section that raises stores its traceback under ``error``.
+section (``ddp``, ``fsdp2``, ``fsdp1``, ``trainer``); a section that raises stores its traceback under ``error``.
 Each section's module also runs alone (``torchrun ... ddp_worker.py OUT``) for debugging.
 """
 
@@ -12,11 +12,13 @@ import traceback
 import torch
 
 import ddp_worker
+import fsdp1_worker
 import fsdp2_worker
 import trainer_worker
 from _dist_common import init, save_rank
 
-SECTIONS = {"ddp": ddp_worker.collect, "fsdp2": fsdp2_worker.collect, "trainer": trainer_worker.collect}
+SECTIONS = {"ddp": ddp_worker.collect, "fsdp2": fsdp2_worker.collect, "fsdp1": fsdp1_worker.collect,
+            "trainer": trainer_worker.collect}
 
 
 def main(out: str) -> None:
