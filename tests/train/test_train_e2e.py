@@ -88,23 +88,35 @@ def test_glue_t5_recipe(task, assets, tmp_path):
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
 def test_clip_recipe(name, assets, tmp_path):
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
+    """The paper's CLIP set-up: LoRA on the vision tower, CLIP's zero-shot head over the dataset's class names,
+    frozen."""
+    from peft import PeftModel
+    from transformers import AutoImageProcessor
+
+    from flatlora.train import zero_shot
 
     recipe = recipe_for(f"clip/clip-vit-b32_{name}.yaml", assets("clip"), {"train": assets(name), "eval": assets(name)},
                         tmp_path)
+    assert recipe.task.image_head == "clip-zero-shot"
     prep = prepare(recipe)
+    names = fx.CIFAR10_NAMES if name == "cifar10" else [f"class{i}" for i in range(100)]
+    fresh = zero_shot.load(assets("clip"), names, recipe.task.class_templates)
+    head_before = prep.trainer.model.base_model.model.head.clone()
+    torch.testing.assert_close(head_before, fresh.head, rtol=0, atol=0)  # the class names' prompts, in label order
     metrics = run(prep)
     out = Path(recipe.output_dir)
     check_run_folder(out, flat=True)
     assert json.loads((out / "flat_lora_config.json").read_text())["config"]["rho"] == 0.15
+    trained = prep.trainer.model.eval()
+    torch.testing.assert_close(trained.base_model.model.head, head_before, rtol=0, atol=0)  # frozen
+    assert all(("lora_" in n) for n, p in trained.named_parameters() if p.requires_grad)
     classes = 10 if name == "cifar10" else 100
     labels = [i % 10 for i in range(6)] if name == "cifar10" else [7 * (i % 10) for i in range(6)]
     processor = AutoImageProcessor.from_pretrained(str(out))  # saved beside the adapter
     pixels = processor(images=fx.random_images(6, seed=1), return_tensors="pt")["pixel_values"]
     with torch.no_grad():
-        logits = prep.trainer.model.eval()(pixel_values=pixels).logits
-        again = reload(AutoModelForImageClassification, assets("clip"), out, num_labels=classes)(
-            pixel_values=pixels).logits
+        logits = trained(pixel_values=pixels).logits
+        again = PeftModel.from_pretrained(fresh, str(out)).eval()(pixel_values=pixels).logits
     assert logits.shape == (6, classes)
     torch.testing.assert_close(again, logits, rtol=0, atol=1e-6)
     top1 = logits.argmax(-1).tolist()
@@ -287,3 +299,29 @@ def test_seq2seq_text_targets_by_generation(assets, tmp_path):
                                 skip_special_tokens=True)
             hits += tok.decode(gen[0], skip_special_tokens=True).strip() == target.strip()
     assert metrics["eval_exact_match"] == pytest.approx(hits / len(fx.SST2_VALIDATION))
+
+
+def test_glue_reports_the_lowest_eval_loss_epoch_as_the_official_code(assets, tmp_path):
+    """The GLUE recipes evaluate every epoch, stop early (patience 5) and report the checkpoint with the lowest eval
+    loss, restored; metrics.json keeps the last epoch's scores too."""
+    from transformers import EarlyStoppingCallback
+
+    recipe = recipe_for("glue/t5-base_sst2.yaml", assets("t5"), {"train": assets("glue"), "eval": assets("glue")},
+                        tmp_path, "--training.max_steps", "-1", "--training.num_train_epochs", "3",
+                        "--training.eval_strategy", "epoch", "--training.save_strategy", "epoch",
+                        "--training.learning_rate", "3e-2")
+    assert (recipe.early_stopping_patience, recipe.training["metric_for_best_model"]) == (5, "eval_loss")
+    prep = prepare(recipe)
+    stops = [c for c in prep.trainer.callback_handler.callbacks if isinstance(c, EarlyStoppingCallback)]
+    assert len(stops) == 1 and stops[0].early_stopping_patience == 5
+    metrics = run(prep)
+    out = Path(recipe.output_dir)
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    evals = [e for e in history if "eval_loss" in e]
+    assert [e["epoch"] for e in evals] == [1, 2, 3]
+    best = min(evals, key=lambda e: e["eval_loss"])
+    assert metrics["best_checkpoint_step"] == best["step"] and metrics["best_metric"] == best["eval_loss"]
+    # the restored best checkpoint, evaluated again at the end, scores as it did at its epoch
+    assert metrics["eval_loss"] == pytest.approx(best["eval_loss"], rel=1e-5)
+    assert metrics["eval_accuracy"] == best["eval_accuracy"]
+    assert metrics["last_eval"] == evals[-1]

@@ -17,6 +17,7 @@ from typing import Any
 from .. import _dataclass_io as dio
 
 TASK_TYPES = ("causal-lm-sft", "seq2seq", "sequence-classification", "image-classification")
+IMAGE_HEADS = ("linear", "clip-zero-shot")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 CLASSIFICATION_METRICS = ("accuracy", "f1", "matthews_correlation")
 METRICS_BY_TASK = {
@@ -150,6 +151,16 @@ class TaskSpec:
     text_columns: list[str] = field(["sentence"], "sequence-classification: the text column, or two for pairs")
     label_column: str = field("label", "classification: the integer label column")
     image_column: str = field("img", "image-classification: the image column")
+    image_head: str = field(
+        "linear", "image-classification: linear (a new linear head, trained: AutoModelForImageClassification) or "
+                  "clip-zero-shot (the paper's: CLIP's zero-shot head, frozen: class-name prompts through the text "
+                  "tower, cosine logits with CLIP's logit scale; needs a CLIPModel checkpoint with its tokenizer)")
+    class_templates: list[str] = field(
+        ["a photo of a {name}."], "clip-zero-shot: the prompt(s) of a class, {name} its name (several: their "
+                                  "normalized mean embedding, CLIP's prompt ensembling)")
+    class_names: list[str] | None = field(
+        None, "clip-zero-shot: the class names in label order (default: the label column's ClassLabel names, "
+              "underscores read as spaces)")
     num_labels: int | None = field(None, "classification: number of classes (default: from the dataset's "
                                          "ClassLabel names, else max label + 1)")
     prompt_template: str | None = field(
@@ -190,6 +201,16 @@ class TaskSpec:
             raise ValueError("target_template is required for causal-lm-sft (the completion), e.g. ' {answer}'")
         if self.type == "seq2seq" and not (self.label_words or self.target_template):
             raise ValueError("seq2seq needs label_words (classification) or target_template (text targets)")
+        one_of("image_head", self.image_head, IMAGE_HEADS)
+        if isinstance(self.class_templates, str):
+            self.class_templates = [self.class_templates]
+        if not self.class_templates:
+            raise ValueError("class_templates must hold at least one prompt, e.g. 'a photo of a {name}.'")
+        for t in self.class_templates:
+            if template_fields(t, "class_templates") != ["name"]:
+                raise ValueError(f"class_templates: {t!r} must hold {{name}} (the class name) and no other field")
+        if self.class_names is not None and len(self.class_names) < 2:
+            raise ValueError(f"class_names={self.class_names} must name two or more classes (or be null)")
         if self.label_words is not None and (len(self.label_words) < 2 or len(set(self.label_words)) != len(
                 self.label_words)):
             raise ValueError(f"label_words={self.label_words} must be two or more different words")
