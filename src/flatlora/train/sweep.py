@@ -128,7 +128,7 @@ def metric_names(metrics: list[dict[str, Any]]) -> list[str]:
 
     common = set.intersection(*(numeric(m) for m in metrics)) if metrics else set()
     first = list(metrics[0]) if metrics else []
-    return sorted(common, key=lambda k: (not k.startswith("eval_"), first.index(k)))
+    return sorted(common, key=lambda k: (not k.startswith("eval_"), not is_score(k), first.index(k)))
 
 
 def is_score(name: str) -> bool:
