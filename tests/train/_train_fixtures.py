@@ -193,6 +193,34 @@ def metamath(folder: Path) -> Path:
     return folder
 
 
+CODEFEEDBACK_ROWS = [
+    {"query": "Sort a list in Python.", "lang": "python",
+     "answer": "Use sorted:\n```python\nsorted(xs)\n```\nThen print it:\n```python\nprint(xs)\n```"},
+    {"query": "What is a list?", "lang": "python", "answer": "A list is an ordered collection."},  # no code block
+    {"query": "Explain recursion " + "in great detail " * 40, "lang": "python", "answer": "```python\npass\n```"},
+    {"query": "Reverse a string.", "lang": "python", "answer": "```python\ns[::-1]\n```"},
+    {"query": "Add two numbers.", "lang": "javascript", "answer": "Like this:\n```js\na + b\n```\nDone."},
+    {"query": "Print hello.", "lang": "python", "answer": "```python\nprint('hello')\n```"},
+]
+
+WIZARDLM_ROWS = [
+    {"instruction": "Write a haiku about rain.", "output": "Soft rain on the roof", "id": 0},
+    {"instruction": "Tell me a secret.", "output": "Sorry, I cannot share secrets.", "id": 1},
+    {"instruction": "Who are you?", "output": "As an AI language model, I have no name.", "id": 2},
+    {"instruction": "Describe the sea " + "at length " * 60, "output": "It is wide.", "id": 3},
+    {"instruction": "Name a colour.", "output": "Blue.", "id": 4},
+    {"instruction": "Name a fruit.", "output": "An apple.", "id": 5},
+]
+
+
+def json_dataset(folder: Path, name: str, rows: list[dict]) -> Path:
+    """A hub dataset of one JSON file (m-a-p/CodeFeedback-Filtered-Instruction and
+    silk-road/Wizard-LM-Chinese-instruct-evol are laid out so)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(json.dumps(rows, indent=1))
+    return folder
+
+
 def random_images(n: int, seed: int) -> list:
     from PIL import Image
 

@@ -131,14 +131,16 @@ def llama_recipe(file: str, assets, tmp_path: Path):
 
 def check_gsm8k(prep, metrics: dict, out: Path) -> list[dict]:
     records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-    assert [r["reference"] for r in records] == [gold for _, _, gold in fx.GSM8K_TEST]  # extracted by hand
-    assert [r["prompt"] for r in records] == [f"Q: {q}\nA:" for q, _, _ in fx.GSM8K_TEST]
+    assert [r["lenient_reference"] for r in records] == [gold for _, _, gold in fx.GSM8K_TEST]  # by hand
+    assert [r["prompt"] for r in records] == [f"Q: {q}\nA:  " for q, _, _ in fx.GSM8K_TEST]  # official: x + " "
     assert metrics["eval_gsm8k_accuracy"] == sum(r["correct"] for r in records) / len(records)
+    assert metrics["eval_gsm8k_accuracy_lenient"] == sum(r["lenient_correct"] for r in records) / len(records)
+    assert [r["reference"] for r in records] == [1234, 5, 3, 72, 0]  # the official scorer's reading
     assert metrics["eval_gsm8k_examples"] == len(fx.GSM8K_TEST) and "eval_loss" in metrics
     # the training pairs: GSM rows only (4 of the 5 types, twice), the response cut before "The answer is:"
     train = prep.task_data.train
     assert len(train) == 8
-    assert (train[0]["prompt"], train[0]["completion"]) == ("Q: What is 2 + 3?\nA:", " 2 + 3 = 5.\n#### 5")
+    assert (train[0]["prompt"], train[0]["completion"]) == ("Q: What is 2 + 3?\nA: ", " 2 + 3 = 5.\n#### 5")
     return records
 
 

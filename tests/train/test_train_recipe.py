@@ -25,7 +25,7 @@ def test_recipes_are_shipped():
         assert f"t5-base_{task}.yaml" in names
     assert {"clip-vit-b32_cifar10.yaml", "clip-vit-b32_cifar100.yaml", "clip-vit-b32_svhn.yaml",
             "clip-vit-b32_dtd.yaml", "clip-vit-b32_cars.yaml", "llama-2-7b_metamath_gsm8k.yaml",
-            "llama-2-7b_metamath_gsm8k_qlora.yaml"} <= names
+            "llama-2-7b_metamath_gsm8k_qlora.yaml", "llama-2-7b_codefeedback.yaml", "llama-2-7b_wizardlm.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", RECIPES + [EXAMPLE], ids=lambda p: p.name)
@@ -66,6 +66,19 @@ def test_shipped_recipes_hold_the_papers_hyper_parameters():
         assert (r.lora["r"], r.lora["lora_alpha"], r.training["learning_rate"], r.training["num_train_epochs"],
                 r.flat_lora.rho) == (8, 16, 5e-4, 2, 0.05)
         assert (r.data.eval.path, r.data.eval.name, r.task.metrics) == ("openai/gsm8k", "main", ["gsm8k_accuracy"])
+        # the official text "Q: <q>\nA:  <y>" (x + " " + y), rows of 512+ tokens dropped, generation from x + " "
+        assert (r.task.prompt_template, r.task.target_template) == ("Q: {question}\nA: ", " {answer}")
+        assert (r.task.max_train_tokens, r.task.generation_suffix, r.data.train.max_samples) == (512, " ", 100000)
+        # checkpoints to resume from after a crash
+        assert (r.training["save_strategy"], r.training["save_steps"]) == ("steps", 500)
+    for name, samples in (("codefeedback", 100000), ("wizardlm", 52000)):
+        r = load_recipe(ROOT / "recipes" / "llama" / f"llama-2-7b_{name}.yaml")
+        assert (r.lora["r"], r.lora["lora_alpha"], r.training["learning_rate"], r.training["num_train_epochs"],
+                r.flat_lora.rho, r.model.dtype) == (8, 16, 5e-4, 2, 0.05, "bfloat16")
+        assert (r.task.max_train_tokens, r.data.train.max_samples, r.training["max_length"]) == (1024, samples, 1024)
+        assert r.task.prompt_template.startswith("Below is an instruction that describes a task.")
+        assert r.task.target_first_code_block == (name == "codefeedback")
+        assert r.data.train.exclude == ({"output": ["sorry", "as an ai"]} if name == "wizardlm" else {})
 
 
 def test_yaml_round_trip(tmp_path):
@@ -169,6 +182,13 @@ def _write(tmp_path: Path, text: str) -> Path:
     (["--data.train.data_files", "nope.csv"], "data.train.data_files: 'nope.csv' does not exist"),
     (["--dry-run", "--data.train.data_files", "nope.csv"], "data.train.data_files: 'nope.csv' does not exist"),
     (["stray"], "unexpected argument 'stray'"),
+    (["--early_stopping_patience", "3"], "early_stopping_patience needs training.load_best_model_at_end: true"),
+    (["--early_stopping_patience", "0"], "early_stopping_patience=0 must be >= 1"),
+    (["--task.image_head", "mlp"], "image_head='mlp' must be one of linear, clip-zero-shot"),
+    (["--task.class_templates", "a photo of a {label}."], "must hold {name} (the class name) and no other field"),
+    (["--task.max_train_tokens", "512"], "max_train_tokens applies to causal-lm-sft, not sequence-classification"),
+    (["--data.train.exclude.sentence", "[]"], "exclude: 'sentence': [] must map a column name to a list of texts"),
+    (["--training.seed", "-1"], "training.seed=-1 must be an integer in [0, 2**63)"),
 ])
 def test_bad_flags(args, expected, tmp_path, capsys):
     out = tmp_path / "run"

@@ -64,7 +64,7 @@ def _annotation(path: list[str], task_type: str | None) -> Any:
                              + ", ".join(types_))
         sub = nested_class(cls, name)
         if sub is None:
-            if i != len(path) - 1 and not (cls is DataSource and name in ("columns", "filter")):
+            if i != len(path) - 1 and not (cls is DataSource and name in ("columns", "filter", "exclude")):
                 raise ValueError(f"--{'.'.join(path)}: {'.'.join(path[:i + 1])} has no sub-keys")
             return types_[name]
         cls = sub

@@ -159,7 +159,16 @@ def prepare(recipe: Recipe) -> Prepared:
     lora = passthrough.lora_config(recipe)
     path = resolve_model(recipe)
     task = recipe.task
-    train = data_mod.load_source(recipe.data.train, "train", recipe.data.cache_dir)
+    proc = tasks.load_processing(task, recipe.model.tokenizer or path, recipe.model.revision,
+                                 recipe.model.trust_remote_code)
+    keep = None
+    if task.max_train_tokens:  # before max_samples, as the official preparation; the columns checked first
+        drop = tasks.drop_long(task, proc)
+
+        def keep(ds):
+            data_mod.check_columns(ds, recipe.data.train, task, "train")
+            return drop(ds)
+    train = data_mod.load_source(recipe.data.train, "train", recipe.data.cache_dir, keep=keep)
     data_mod.check_columns(train, recipe.data.train, task, "train")
     evals = None
     if recipe.data.eval is not None:
@@ -169,8 +178,6 @@ def prepare(recipe: Recipe) -> Prepared:
     if task.type in ("sequence-classification", "image-classification") or task.label_words:
         train, evals = data_mod.encode_labels(train, evals, task)
         num_labels, names = data_mod.num_classes(train, task)
-    proc = tasks.load_processing(task, recipe.model.tokenizer or path, recipe.model.revision,
-                                 recipe.model.trust_remote_code)
     set_seed(args.seed)  # the head and LoRA initialisation: the same for method lora and flat-lora
     model = load_model(recipe, args, path, num_labels, names, proc)
     try:
@@ -224,8 +231,9 @@ def run(prep: Prepared) -> dict[str, Any]:
         from .metrics import gsm8k_accuracy
 
         texts = tasks.generate(trainer, prep.processing, prep.task_data.prompts, recipe.task)
-        accuracy, records = gsm8k_accuracy(texts, prep.task_data.references)
-        metrics["eval_gsm8k_accuracy"] = accuracy
+        accuracy, lenient, records = gsm8k_accuracy(texts, prep.task_data.references)
+        metrics["eval_gsm8k_accuracy"] = accuracy  # the official code's scorer, as the paper's numbers
+        metrics["eval_gsm8k_accuracy_lenient"] = lenient
         metrics["eval_gsm8k_examples"] = len(records)
         if main:
             with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:

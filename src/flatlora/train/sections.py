@@ -101,6 +101,9 @@ class DataSource:
     revision: str | None = field(None, "hub revision of the dataset")
     columns: dict[str, str] = field({}, "rename columns, {dataset column: name used by the task}")
     filter: dict[str, str] = field({}, "keep only rows whose column contains the text, {column: text}")
+    exclude: dict[str, list[str]] = field(
+        {}, "drop rows whose column contains any of the texts, ignoring case, {column: [text, ...]} (the official "
+            "WizardLM preparation: {output: [sorry, as an ai]})")
     max_samples: int | None = field(None, "keep the first N rows (after filter); null: all")
 
     def __post_init__(self) -> None:
@@ -110,6 +113,13 @@ class DataSource:
             self.columns = {}
         if self.filter is None:
             self.filter = {}
+        if self.exclude is None:
+            self.exclude = {}
+        self.exclude = {k: [v] if isinstance(v, str) else v for k, v in self.exclude.items()}
+        bad = [(k, v) for k, v in self.exclude.items() if not isinstance(k, str) or not isinstance(v, list)
+               or not v or not all(isinstance(t, str) and t for t in v)]
+        if bad:
+            raise ValueError(f"exclude: {bad[0][0]!r}: {bad[0][1]!r} must map a column name to a list of texts")
         for key in ("columns", "filter"):
             bad = [(k, v) for k, v in getattr(self, key).items() if not isinstance(k, str) or not isinstance(v, str)]
             if bad:
@@ -171,6 +181,14 @@ class TaskSpec:
                                           "(MetaMathQA: '\\nThe answer is:')")
     label_words: list[str] | None = field(
         None, "seq2seq classification: the target word of each label (their first tokens must differ)")
+    target_first_code_block: bool = field(
+        False, "keep the target up to the end of its first ``` code block (the official Code-Feedback preparation)")
+    max_train_tokens: int | None = field(
+        None, "causal-lm-sft: drop training rows whose prompt + completion is this many tokens or more (special "
+              "tokens counted, as the official data preparation: MetaMathQA 512, Code-Feedback and WizardLM 1024), "
+              "before data.train.max_samples; null: keep every row (longer ones are cut at training.max_length)")
+    generation_suffix: str = field(
+        "", "causal-lm-sft generation: text appended to each prompt (the official GSM8K evaluation appends ' ')")
     answer_column: str = field("answer", "causal-lm-sft: the eval column holding the reference answer")
     metrics: list[str] | None = field(
         None, "accuracy, f1, matthews_correlation (classification), exact_match (seq2seq text), gsm8k_accuracy "
@@ -188,7 +206,8 @@ class TaskSpec:
             self.text_columns = [self.text_columns]
         if not 1 <= len(self.text_columns) <= 2:
             raise ValueError(f"text_columns={self.text_columns} must name one column, or two for sentence pairs")
-        for key in ("num_labels", "max_length", "max_target_length", "max_new_tokens", "generation_batch_size"):
+        for key in ("num_labels", "max_length", "max_target_length", "max_new_tokens", "generation_batch_size",
+                    "max_train_tokens"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ValueError(f"{key}={value} must be >= 1")
@@ -211,6 +230,8 @@ class TaskSpec:
                 raise ValueError(f"class_templates: {t!r} must hold {{name}} (the class name) and no other field")
         if self.class_names is not None and len(self.class_names) < 2:
             raise ValueError(f"class_names={self.class_names} must name two or more classes (or be null)")
+        if self.max_train_tokens is not None and self.type != "causal-lm-sft":
+            raise ValueError(f"max_train_tokens applies to causal-lm-sft, not {self.type}; set it to null")
         if self.label_words is not None and (len(self.label_words) < 2 or len(set(self.label_words)) != len(
                 self.label_words)):
             raise ValueError(f"label_words={self.label_words} must be two or more different words")
