@@ -9,10 +9,14 @@ The run folder (``recipe.output_dir``):
 * ``adapter_model.safetensors``, ``adapter_config.json``, ``README.md``: the PEFT adapter (``trainer.save_model``),
   with the tokenizer or image processor; ``flat_lora_config.json`` beside it for ``method: flat-lora``
   (written by `FlatLoraCallback`);
-* ``metrics.json``: train and eval metrics; ``predictions.jsonl``: the GSM8K generations (causal-lm-sft);
+* ``metrics.json``: train and eval metrics of the model training ended with (with ``load_best_model_at_end``: the
+  restored best checkpoint, ``best_checkpoint_step``, ``best_metric``), the last evaluation during training
+  (``last_eval``), ``training_seed`` and, for flat-lora, ``flat_lora_seed`` and ``flat_lora_seed_from``;
+  ``predictions.jsonl``: the GSM8K generations with both readings of each answer (causal-lm-sft);
 * ``recipe.yaml``: the resolved recipe (``flatlora train recipe.yaml`` re-runs it);
 * ``trainer_state.json`` (the Trainer's ``log_history``) and ``log.jsonl`` (each log line as it was logged);
-  checkpoints as ``training.save_strategy`` says.
+  checkpoints as ``training.save_strategy`` says. A folder with checkpoints but no ``metrics.json`` is an
+  interrupted run: `run` resumes it from the newest checkpoint (`resume_point`).
 
 Under ``accelerate launch`` / ``torchrun`` every process runs this same code; the Trainer shards the data and only
 the main process writes files.

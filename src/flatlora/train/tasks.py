@@ -9,8 +9,9 @@ Trainer class trains it and how its predictions become metrics.
   builds on); without, greedy generation and exact match.
 * ``causal-lm-sft``: ``AutoModelForCausalLM``, prompt/completion pairs from the templates, TRL's ``SFTTrainer``
   (loss on the completion only); GSM8K accuracy by greedy generation after training.
-* ``image-classification``: ``AutoModelForImageClassification`` (CLIP: the vision tower + a linear head),
-  ``AutoImageProcessor`` applied on the fly, ``Trainer``; top-1 accuracy.
+* ``image-classification``: ``AutoModelForImageClassification`` (``image_head: linear``: the vision tower + a new
+  linear head) or CLIP with its frozen zero-shot head (``image_head: clip-zero-shot``, `.zero_shot`, built by the
+  runner), ``AutoImageProcessor`` applied on the fly, ``Trainer``; top-1 accuracy.
 """
 
 from __future__ import annotations
