@@ -184,6 +184,8 @@ def _write(tmp_path: Path, text: str) -> Path:
     (["stray"], "unexpected argument 'stray'"),
     (["--early_stopping_patience", "3"], "early_stopping_patience needs training.load_best_model_at_end: true"),
     (["--early_stopping_patience", "0"], "early_stopping_patience=0 must be >= 1"),
+    (["--early_stopping_patience", "3", "--training.load_best_model_at_end", "true", "--training.eval_strategy",
+      "no"], "early_stopping_patience needs evaluations: set training.eval_strategy"),
     (["--task.image_head", "mlp"], "image_head='mlp' must be one of linear, clip-zero-shot"),
     (["--task.class_templates", "a photo of a {label}."], "must hold {name} (the class name) and no other field"),
     (["--task.max_train_tokens", "512"], "max_train_tokens applies to causal-lm-sft, not sequence-classification"),

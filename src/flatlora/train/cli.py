@@ -36,16 +36,19 @@ def register(subparsers) -> None:
 def help_text() -> str:
     from .resolve import key_help
 
-    lines = ["usage: flatlora train RECIPE.yaml [--dry-run] [--methods M ...] [--seeds S ...] [--section.key VALUE ...]",
-             "", textwrap.fill(_DESCRIPTION, 100), "",
-             "options:", "  --dry-run             validate and print the resolved recipe (YAML) to stdout; load and "
-             "write nothing (with --methods/--seeds: print the plan of runs)",
-             "  --methods M [M ...]   run each method (lora, flat-lora; default both) on each seed and print the paired "
-             "table: mean ± std per method, flat-lora − lora with its Student-t 95% CI and p-value (as flatlora "
-             "compare); finished runs are skipped, interrupted ones resume from their last checkpoint",
-             "  --seeds S [S ...]     the training seeds of --methods (default: the recipe's training.seed)",
-             "  -h, --help            show this help", "",
-             "recipe keys (flags override the file; values are read as YAML, lists as several values):"]
+    options = [("--dry-run", "validate and print the resolved recipe (YAML) to stdout; load and write nothing "
+                             "(with --methods/--seeds: print the plan of runs)"),
+               ("--methods M [M ...]", "run each method (lora, flat-lora; default both) on each seed and print the "
+                                       "paired table: mean ± std per method, flat-lora − lora with its Student-t 95% "
+                                       "CI and p-value (as flatlora compare); finished runs are skipped, interrupted "
+                                       "ones resume from their newest checkpoint"),
+               ("--seeds S [S ...]", "the training seeds of --methods (default: the recipe's training.seed)"),
+               ("-h, --help", "show this help")]
+    lines = ["usage: flatlora train RECIPE.yaml [--dry-run] [--methods M ...] [--seeds S ...] "
+             "[--section.key VALUE ...]", "", textwrap.fill(_DESCRIPTION, 100), "", "options:"]
+    for flag, text in options:
+        lines.append(textwrap.fill(text, 100, initial_indent=f"  {flag:<22}", subsequent_indent=" " * 24))
+    lines += ["", "recipe keys (flags override the file; values are read as YAML, lists as several values):"]
     for flag, text in key_help():
         lines.append(f"  {flag}")
         lines.append(textwrap.fill(text, 100, initial_indent=" " * 6, subsequent_indent=" " * 6))

@@ -85,6 +85,9 @@ class Recipe:
             if not self.training.get("load_best_model_at_end"):
                 raise ValueError("early_stopping_patience needs training.load_best_model_at_end: true (and an "
                                  "eval_strategy equal to save_strategy)")
+            if self.training.get("eval_strategy", "no") == "no":
+                raise ValueError("early_stopping_patience needs evaluations: set training.eval_strategy (and "
+                                 "save_strategy) to epoch or steps, or early_stopping_patience to null")
         if "output_dir" in self.training:
             raise ValueError("training.output_dir: set the run folder with the recipe's top-level output_dir")
         if self.task.type == "causal-lm-sft" and self.data.eval is not None and "gsm8k_accuracy" in \

@@ -147,6 +147,18 @@ def _zero_shot_model(recipe: Recipe, path: str, names: list[str] | None, num_lab
                           **{k: v for k, v in kwargs.items() if k in keep})
 
 
+def _length_limit(recipe: Recipe, tok: Any) -> Any:
+    """The ``task.max_train_tokens`` row selection for `data.load_source` (applied before ``max_samples``, as the
+    official preparation), with the training columns checked first so that a missing one is named, not a KeyError."""
+    drop = tasks.drop_long(recipe.task, tok)
+
+    def keep(ds: Any) -> Any:
+        data_mod.check_columns(ds, recipe.data.train, recipe.task, "train")
+        return drop(ds)
+
+    return keep
+
+
 def prepare(recipe: Recipe) -> Prepared:
     """Load and check everything a run needs (model, data, Trainer); write nothing."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -165,13 +177,7 @@ def prepare(recipe: Recipe) -> Prepared:
     task = recipe.task
     proc = tasks.load_processing(task, recipe.model.tokenizer or path, recipe.model.revision,
                                  recipe.model.trust_remote_code)
-    keep = None
-    if task.max_train_tokens:  # before max_samples, as the official preparation; the columns checked first
-        drop = tasks.drop_long(task, proc)
-
-        def keep(ds):
-            data_mod.check_columns(ds, recipe.data.train, task, "train")
-            return drop(ds)
+    keep = _length_limit(recipe, proc) if task.max_train_tokens else None
     train = data_mod.load_source(recipe.data.train, "train", recipe.data.cache_dir, keep=keep)
     data_mod.check_columns(train, recipe.data.train, task, "train")
     evals = None
