@@ -83,16 +83,23 @@ def tiny_llama(folder: Path) -> Path:
 
 
 def tiny_clip(folder: Path) -> Path:
-    """A CLIPModel checkpoint (text + vision towers, like openai/clip-vit-base-patch32) and its image processor."""
+    """A CLIPModel checkpoint (text + vision towers, like openai/clip-vit-base-patch32), its image processor and a
+    tokenizer (the T5-like one: it ends every text with the eos token, where CLIP's text tower pools)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
+    tok = make_tokenizer("t5")
     cfg = CLIPConfig(
-        text_config=dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        text_config=dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                            image_size=32, patch_size=8), projection_dim=16)
     torch.manual_seed(0)
-    CLIPModel(cfg).save_pretrained(folder)
+    model = CLIPModel(cfg)
+    with torch.no_grad():  # a logit scale away from CLIP's init, so that a missing scale is seen
+        model.logit_scale.fill_(2.0)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
 
@@ -183,6 +190,34 @@ def metamath(folder: Path) -> Path:
     """meta-math/MetaMathQA: one JSON file (type, query, original_question, response), as on the hub."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "MetaMathQA-395K.json").write_text(json.dumps(METAMATH_ROWS * 2, indent=1))
+    return folder
+
+
+CODEFEEDBACK_ROWS = [
+    {"query": "Sort a list in Python.", "lang": "python",
+     "answer": "Use sorted:\n```python\nsorted(xs)\n```\nThen print it:\n```python\nprint(xs)\n```"},
+    {"query": "What is a list?", "lang": "python", "answer": "A list is an ordered collection."},  # no code block
+    {"query": "Explain recursion " + "in great detail " * 40, "lang": "python", "answer": "```python\npass\n```"},
+    {"query": "Reverse a string.", "lang": "python", "answer": "```python\ns[::-1]\n```"},
+    {"query": "Add two numbers.", "lang": "javascript", "answer": "Like this:\n```js\na + b\n```\nDone."},
+    {"query": "Print hello.", "lang": "python", "answer": "```python\nprint('hello')\n```"},
+]
+
+WIZARDLM_ROWS = [
+    {"instruction": "Write a haiku about rain.", "output": "Soft rain on the roof", "id": 0},
+    {"instruction": "Tell me a secret.", "output": "Sorry, I cannot share secrets.", "id": 1},
+    {"instruction": "Who are you?", "output": "As an AI language model, I have no name.", "id": 2},
+    {"instruction": "Describe the sea " + "at length " * 60, "output": "It is wide.", "id": 3},
+    {"instruction": "Name a colour.", "output": "Blue.", "id": 4},
+    {"instruction": "Name a fruit.", "output": "An apple.", "id": 5},
+]
+
+
+def json_dataset(folder: Path, name: str, rows: list[dict]) -> Path:
+    """A hub dataset of one JSON file (m-a-p/CodeFeedback-Filtered-Instruction and
+    silk-road/Wizard-LM-Chinese-instruct-evol are laid out so)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(json.dumps(rows, indent=1))
     return folder
 
 

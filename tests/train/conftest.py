@@ -12,7 +12,11 @@ def assets(tmp_path_factory):
     """Lazily built folders: ``assets("t5")``, ``assets("glue")`` ... (each built once per session)."""
     root = tmp_path_factory.mktemp("train_assets")
     builders = {"t5": fx.tiny_t5, "llama": fx.tiny_llama, "clip": fx.tiny_clip, "glue": fx.glue, "gsm8k": fx.gsm8k,
-                "metamath": fx.metamath, "cifar10": fx.cifar, "cifar100": lambda p: fx.cifar(p, fine=True)}
+                "metamath": fx.metamath,
+                "codefeedback": lambda p: fx.json_dataset(p, "CodeFeedback-Filtered-Instruction.json",
+                                                          fx.CODEFEEDBACK_ROWS),
+                "wizardlm": lambda p: fx.json_dataset(p, "wizard_lm.json", fx.WIZARDLM_ROWS),
+                "cifar10": fx.cifar, "cifar100": lambda p: fx.cifar(p, fine=True)}
     built: dict[str, str] = {}
 
     def get(name: str) -> str:

@@ -23,8 +23,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def recipe_for(file: str, model: str, data: dict[str, str], tmp_path: Path, *extra: str):
+    # without evaluations during training (FAST_TRAINING) the GLUE recipes' model selection is switched off too
+    selection = ["--early_stopping_patience", "null", "--training.load_best_model_at_end", "false"] \
+        if file.startswith("glue/") else []
     args = ["--model.name_or_path", model, "--data.cache_dir", str(tmp_path / "cache"),
-            "--output_dir", str(tmp_path / "run"), *fx.FAST_TRAINING, *extra]
+            "--output_dir", str(tmp_path / "run"), *fx.FAST_TRAINING, *selection, *extra]
     for role, path in data.items():
         args += [f"--data.{role}.path", path]
     return load_recipe(ROOT / "recipes" / file, args)
@@ -88,23 +91,35 @@ def test_glue_t5_recipe(task, assets, tmp_path):
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
 def test_clip_recipe(name, assets, tmp_path):
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
+    """The paper's CLIP set-up: LoRA on the vision tower, CLIP's zero-shot head over the dataset's class names,
+    frozen."""
+    from peft import PeftModel
+    from transformers import AutoImageProcessor
+
+    from flatlora.train import zero_shot
 
     recipe = recipe_for(f"clip/clip-vit-b32_{name}.yaml", assets("clip"), {"train": assets(name), "eval": assets(name)},
                         tmp_path)
+    assert recipe.task.image_head == "clip-zero-shot"
     prep = prepare(recipe)
+    names = fx.CIFAR10_NAMES if name == "cifar10" else [f"class{i}" for i in range(100)]
+    fresh = zero_shot.load(assets("clip"), names, recipe.task.class_templates)
+    head_before = prep.trainer.model.base_model.model.head.clone()
+    torch.testing.assert_close(head_before, fresh.head, rtol=0, atol=0)  # the class names' prompts, in label order
     metrics = run(prep)
     out = Path(recipe.output_dir)
     check_run_folder(out, flat=True)
     assert json.loads((out / "flat_lora_config.json").read_text())["config"]["rho"] == 0.15
+    trained = prep.trainer.model.eval()
+    torch.testing.assert_close(trained.base_model.model.head, head_before, rtol=0, atol=0)  # frozen
+    assert all(("lora_" in n) for n, p in trained.named_parameters() if p.requires_grad)
     classes = 10 if name == "cifar10" else 100
     labels = [i % 10 for i in range(6)] if name == "cifar10" else [7 * (i % 10) for i in range(6)]
     processor = AutoImageProcessor.from_pretrained(str(out))  # saved beside the adapter
     pixels = processor(images=fx.random_images(6, seed=1), return_tensors="pt")["pixel_values"]
     with torch.no_grad():
-        logits = prep.trainer.model.eval()(pixel_values=pixels).logits
-        again = reload(AutoModelForImageClassification, assets("clip"), out, num_labels=classes)(
-            pixel_values=pixels).logits
+        logits = trained(pixel_values=pixels).logits
+        again = PeftModel.from_pretrained(fresh, str(out)).eval()(pixel_values=pixels).logits
     assert logits.shape == (6, classes)
     torch.testing.assert_close(again, logits, rtol=0, atol=1e-6)
     top1 = logits.argmax(-1).tolist()
@@ -119,14 +134,16 @@ def llama_recipe(file: str, assets, tmp_path: Path):
 
 def check_gsm8k(prep, metrics: dict, out: Path) -> list[dict]:
     records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-    assert [r["reference"] for r in records] == [gold for _, _, gold in fx.GSM8K_TEST]  # extracted by hand
-    assert [r["prompt"] for r in records] == [f"Q: {q}\nA:" for q, _, _ in fx.GSM8K_TEST]
+    assert [r["lenient_reference"] for r in records] == [gold for _, _, gold in fx.GSM8K_TEST]  # by hand
+    assert [r["prompt"] for r in records] == [f"Q: {q}\nA:  " for q, _, _ in fx.GSM8K_TEST]  # official: x + " "
     assert metrics["eval_gsm8k_accuracy"] == sum(r["correct"] for r in records) / len(records)
+    assert metrics["eval_gsm8k_accuracy_lenient"] == sum(r["lenient_correct"] for r in records) / len(records)
+    assert [r["reference"] for r in records] == [1234, 5, 3, 72, 0]  # the official scorer's reading
     assert metrics["eval_gsm8k_examples"] == len(fx.GSM8K_TEST) and "eval_loss" in metrics
     # the training pairs: GSM rows only (4 of the 5 types, twice), the response cut before "The answer is:"
     train = prep.task_data.train
     assert len(train) == 8
-    assert (train[0]["prompt"], train[0]["completion"]) == ("Q: What is 2 + 3?\nA:", " 2 + 3 = 5.\n#### 5")
+    assert (train[0]["prompt"], train[0]["completion"]) == ("Q: What is 2 + 3?\nA: ", " 2 + 3 = 5.\n#### 5")
     return records
 
 
@@ -287,3 +304,30 @@ def test_seq2seq_text_targets_by_generation(assets, tmp_path):
                                 skip_special_tokens=True)
             hits += tok.decode(gen[0], skip_special_tokens=True).strip() == target.strip()
     assert metrics["eval_exact_match"] == pytest.approx(hits / len(fx.SST2_VALIDATION))
+
+
+def test_glue_reports_the_lowest_eval_loss_epoch_as_the_official_code(assets, tmp_path):
+    """The GLUE recipes evaluate every epoch, stop early (patience 5) and report the checkpoint with the lowest eval
+    loss, restored; metrics.json keeps the last epoch's scores too."""
+    from transformers import EarlyStoppingCallback
+
+    recipe = recipe_for("glue/t5-base_sst2.yaml", assets("t5"), {"train": assets("glue"), "eval": assets("glue")},
+                        tmp_path, "--training.max_steps", "-1", "--training.num_train_epochs", "3",
+                        "--training.eval_strategy", "epoch", "--training.save_strategy", "epoch",
+                        "--training.load_best_model_at_end", "true", "--early_stopping_patience", "5",
+                        "--training.learning_rate", "3e-2")
+    assert (recipe.early_stopping_patience, recipe.training["metric_for_best_model"]) == (5, "eval_loss")
+    prep = prepare(recipe)
+    stops = [c for c in prep.trainer.callback_handler.callbacks if isinstance(c, EarlyStoppingCallback)]
+    assert len(stops) == 1 and stops[0].early_stopping_patience == 5
+    metrics = run(prep)
+    out = Path(recipe.output_dir)
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    evals = [e for e in history if "eval_loss" in e]
+    assert [e["epoch"] for e in evals] == [1, 2, 3]
+    best = min(evals, key=lambda e: e["eval_loss"])
+    assert metrics["best_checkpoint_step"] == best["step"] and metrics["best_metric"] == best["eval_loss"]
+    # the restored best checkpoint, evaluated again at the end, scores as it did at its epoch
+    assert metrics["eval_loss"] == pytest.approx(best["eval_loss"], rel=1e-5)
+    assert metrics["eval_accuracy"] == best["eval_accuracy"]
+    assert metrics["last_eval"] == evals[-1]

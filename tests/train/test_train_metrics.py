@@ -7,7 +7,8 @@ import math
 import pytest
 
 import _train_fixtures as fx
-from flatlora.train.metrics import classification_metrics, exact_match, extract_final_number, gsm8k_accuracy
+from flatlora.train.metrics import (classification_metrics, exact_match, extract_final_number, gsm8k_accuracy,
+                                    official_gsm8k_number)
 
 
 @pytest.mark.parametrize("text, number", [
@@ -44,10 +45,25 @@ def test_gsm8k_accuracy_on_hand_made_answers():
         "48 + 24 = 71\n#### 71",              # wrong
         "I do not know",                      # no number: wrong
     ]
-    accuracy, records = gsm8k_accuracy(generations, refs)
-    assert accuracy == 3 / 5
-    assert [r["correct"] for r in records] == [True, True, True, False, False]
-    assert [r["prediction"] for r in records] == ["1234", "-5", "3.5", "71", None]
+    official, lenient, records = gsm8k_accuracy(generations, refs)
+    assert lenient == 3 / 5
+    assert [r["lenient_correct"] for r in records] == [True, True, True, False, False]
+    assert [r["lenient_prediction"] for r in records] == ["1234", "-5", "3.5", "71", None]
+    # the official scorer: references 1234, 5 (sign dropped), 3 (3.5 cut), 72, 0 (0.25 cut); the second answer has
+    # no "####" and reads 0 (wrong), the fifth reads 0 and matches the reference's 0 (right)
+    assert [r["reference"] for r in records] == [1234, 5, 3, 72, 0]
+    assert [r["prediction"] for r in records] == [1234, 0, 3, 71, 0]
+    assert [r["correct"] for r in records] == [True, False, True, False, True] and official == 3 / 5
+
+
+@pytest.mark.parametrize("text, number", [
+    ("#### 1,234", 1234), ("####7", 7), ("#### -5", 5), ("#### 3.5", 3), ("#### 72\nThe answer is: 71", 72),
+    ("a #### 5 b #### 6", 5), ("The answer is: 7", 0), ("10 - 3 = 7", 0), ("", 0), ("#### $5", 0),
+])
+def test_official_gsm8k_number_is_the_official_extract_num(text, number):
+    """nblt/Flat-LoRA eval_gsm8k_batch.py: re.search(r'####\\s*(\\d+)', text.replace(',', '')), else
+    r'####\\s*-(\\d+)', else 0."""
+    assert official_gsm8k_number(text) == number
 
 
 def test_gsm8k_accuracy_rejects_bad_input():

@@ -8,8 +8,9 @@
 Modules: `recipe` (the `Recipe` dataclass, built from dicts and YAML), `sections` (its model, task and data
 sections), `resolve` (file + flags -> recipe), `passthrough` (``lora`` -> ``LoraConfig``, ``training`` ->
 ``TrainingArguments``), `data` (``datasets.load_dataset`` and column checks), `tasks` (per task type: model class,
-inputs, Trainer, metric hooks), `metrics` (scikit-learn scores, GSM8K answer extraction), `runner` (`train`), `cli`
-(the sub-command). Needs the ``train`` extra (``pip install 'flatlora[train]'``: datasets, TRL, scikit-learn).
+inputs, Trainer, metric hooks), `zero_shot` (CLIP's frozen zero-shot head), `metrics` (scikit-learn scores, GSM8K
+scorers), `runner` (`train`), `sweep` (``--methods``/``--seeds``: paired runs and their table), `cli` (the
+sub-command). Needs the ``train`` extra (``pip install 'flatlora[train]'``: datasets, TRL, scikit-learn).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from .._extras import require
 from .sections import DataSource, TaskSpec, template_fields
@@ -40,8 +40,10 @@ def _hub_hint(src: DataSource) -> str:
             "fills ~/.cache/huggingface, which you can copy here), or use local files (data_files)")
 
 
-def load_source(src: DataSource, role: str, cache_dir: str | None = None) -> "Dataset":
-    """``datasets.load_dataset(path, name, split=..., data_files=...)``, then renames, filters and max_samples."""
+def load_source(src: DataSource, role: str, cache_dir: str | None = None,
+                keep: Callable[["Dataset"], "Dataset"] | None = None) -> "Dataset":
+    """``datasets.load_dataset(path, name, split=..., data_files=...)``, then renames, filters, ``keep`` (a row
+    selection of the task, e.g. the length limit of `flatlora.train.tasks.drop_long`) and max_samples."""
     from huggingface_hub import constants
 
     datasets = require("datasets", "flatlora train")
@@ -88,7 +90,7 @@ def load_source(src: DataSource, role: str, cache_dir: str | None = None) -> "Da
             datasets.enable_progress_bars()
     if isinstance(ds, dict):  # a DatasetDict: split was not applied
         raise ValueError(f"{key}: got several splits {sorted(ds)}; set {key}.split")
-    return _shape(ds, src, key)
+    return _shape(ds, src, key, keep)
 
 
 def _looks_like_path(path: str) -> bool:
@@ -96,7 +98,8 @@ def _looks_like_path(path: str) -> bool:
     return path.startswith(("/", "./", "../", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path
 
 
-def _shape(ds: "Dataset", src: DataSource, key: str) -> "Dataset":
+def _shape(ds: "Dataset", src: DataSource, key: str, keep: Callable[["Dataset"], "Dataset"] | None = None
+           ) -> "Dataset":
     for old, new in src.columns.items():
         if old not in ds.column_names:
             raise ValueError(f"{key}.columns: {old!r} is not a column of {describe(src)}; its columns are "
@@ -110,10 +113,19 @@ def _shape(ds: "Dataset", src: DataSource, key: str) -> "Dataset":
             raise ValueError(f"{key}.filter: {column!r} is not a column of {describe(src)} (after renames); its "
                              f"columns are {ds.column_names}")
         ds = ds.filter(lambda value, t=text: t in str(value), input_columns=[column])
+    for column, texts in src.exclude.items():
+        if column not in ds.column_names:
+            raise ValueError(f"{key}.exclude: {column!r} is not a column of {describe(src)} (after renames); its "
+                             f"columns are {ds.column_names}")
+        lowered = [t.lower() for t in texts]
+        ds = ds.filter(lambda value, ts=lowered: not any(t in str(value).lower() for t in ts), input_columns=[column])
+    if keep is not None and len(ds):
+        ds = keep(ds)
     if src.max_samples is not None:
         ds = ds.select(range(min(src.max_samples, len(ds))))
     if len(ds) == 0:
-        raise ValueError(f"{key}: no rows left in {describe(src)} (check {key}.filter and {key}.max_samples)")
+        raise ValueError(f"{key}: no rows left in {describe(src)} (check {key}.filter, {key}.exclude, "
+                         f"{key}.max_samples and task.max_train_tokens)")
     return ds
 
 

@@ -1,7 +1,15 @@
 """Evaluation the paper used: GLUE classification scores (scikit-learn), top-1 accuracy, and GSM8K accuracy by
 greedy generation with the final number extracted and compared exactly.
 
-GSM8K answer extraction (`extract_final_number`), applied the same way to the reference answer and to the
+GSM8K is scored twice (`gsm8k_accuracy`). The headline, ``eval_gsm8k_accuracy``, is the official code's scorer
+(`official_gsm8k_number`, nblt/Flat-LoRA ``eval_gsm8k_batch.py``: ``extract_num``), which the paper's numbers use:
+commas removed, then the digits after the first ``####`` (``####\s*(\d+)``), else the digits after ``#### -``
+(the sign dropped), else 0; applied to the generation and to the reference alike. Its quirks are kept on purpose:
+``#### 3.5`` reads 3, ``#### -5`` reads 5, and a generation without ``####`` reads 0. Beside it,
+``eval_gsm8k_accuracy_lenient`` uses `extract_final_number`, which also reads "The answer is N" and the last number
+(it can only score higher on answers that lack ``####``, and it reads negatives and decimals exactly):
+
+Lenient answer extraction (`extract_final_number`), applied the same way to the reference answer and to the
 generated text:
 
 1. if the text holds ``####`` (GSM8K's reference format, which MetaMathQA's GSM answers also end with), the
@@ -65,9 +73,23 @@ def _canonical(value: Decimal) -> str:
     return "0" if text in ("-0", "0") else text
 
 
-def gsm8k_accuracy(generations: Sequence[str], references: Sequence[str]) -> tuple[float, list[dict]]:
-    """Fraction of generations whose final number equals the reference's; and one record per example
-    (``prediction``, ``reference``: the extracted numbers; ``correct``)."""
+_OFFICIAL = re.compile(r"####\s*(\d+)")
+_OFFICIAL_NEGATIVE = re.compile(r"####\s*-(\d+)")
+
+
+def official_gsm8k_number(text: str) -> int:
+    """The official code's GSM8K answer (``extract_num`` of nblt/Flat-LoRA ``eval_gsm8k_batch.py``): commas
+    removed, the digits after the first ``####``, else after ``#### -`` (sign dropped), else 0."""
+    text = str(text).replace(",", "")
+    match = _OFFICIAL.search(text) or _OFFICIAL_NEGATIVE.search(text)
+    return int(match.group(1)) if match else 0
+
+
+def gsm8k_accuracy(generations: Sequence[str], references: Sequence[str]) -> tuple[float, float, list[dict]]:
+    """(official accuracy, lenient accuracy, one record per example). The official score compares
+    `official_gsm8k_number` of generation and reference; the lenient one `extract_final_number`. Records hold
+    ``prediction``, ``reference``, ``correct`` (official) and ``lenient_prediction``, ``lenient_reference``,
+    ``lenient_correct``."""
     if len(generations) != len(references):
         raise ValueError(f"{len(generations)} generations but {len(references)} references")
     if not references:
@@ -79,8 +101,11 @@ def gsm8k_accuracy(generations: Sequence[str], references: Sequence[str]) -> tup
             raise ValueError(f"eval row {i}: the reference answer {ref[-80:]!r} holds no number; check "
                              "task.answer_column")
         pred = extract_final_number(gen)
-        records.append({"prediction": pred, "reference": gold, "correct": pred == gold})
-    return sum(r["correct"] for r in records) / len(records), records
+        official, official_gold = official_gsm8k_number(gen), official_gsm8k_number(ref)
+        records.append({"prediction": official, "reference": official_gold, "correct": official == official_gold,
+                        "lenient_prediction": pred, "lenient_reference": gold, "lenient_correct": pred == gold})
+    n = len(records)
+    return sum(r["correct"] for r in records) / n, sum(r["lenient_correct"] for r in records) / n, records
 
 
 def classification_metrics(predictions: Sequence[int], labels: Sequence[int], names: Sequence[str]) -> dict[str, float]:

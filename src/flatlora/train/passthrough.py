@@ -58,7 +58,7 @@ def lora_values(recipe: _Sections) -> dict[str, Any]:
     task_type = PEFT_TASK_TYPES[recipe.task.type]
     if task_type is not None:
         values.setdefault("task_type", task_type)
-    elif "modules_to_save" not in values:
+    elif "modules_to_save" not in values and recipe.task.image_head == "linear":
         values["modules_to_save"] = ["classifier"]  # the new classification head is trained in full
     return values
 

@@ -34,7 +34,8 @@ from . import _types
 from .sections import EMBEDDED_PREFIX, DataSource, DataSpec, ModelSpec, TaskSpec, field, one_of
 
 METHODS = ("lora", "flat-lora")
-SECTIONS = ("model", "task", "data", "lora", "training", "flat_lora", "method", "output_dir")
+SECTIONS = ("model", "task", "data", "lora", "training", "flat_lora", "early_stopping_patience", "method",
+            "output_dir")
 
 
 @dataclass
@@ -48,7 +49,12 @@ class Recipe:
     training: dict[str, Any] = field(
         {}, "TrainingArguments fields (Seq2SeqTrainingArguments for seq2seq, trl.SFTConfig for causal-lm-sft); "
             "output_dir is the recipe's own key")
-    flat_lora: FlatLoraConfig | None = field(None, "FlatLoraConfig fields (method flat-lora)")
+    flat_lora: FlatLoraConfig | None = field(
+        None, "FlatLoraConfig fields (method flat-lora); flat_lora.seed, the noise seed, defaults to training.seed "
+              "(each seed its own noise stream); set it to fix the noise across training seeds")
+    early_stopping_patience: int | None = field(
+        None, "stop when training.metric_for_best_model has not improved for this many evaluations (transformers' "
+              "EarlyStoppingCallback; needs training.load_best_model_at_end); null: no early stopping")
     method: str = field("flat-lora", "lora or flat-lora: flat-lora adds FlatLoraCallback, nothing else changes")
     output_dir: str | None = field(None, "run folder (default: runs/train/<recipe file name>/<method>/seed<seed>)")
 
@@ -59,16 +65,29 @@ class Recipe:
                 raise ValueError(f"{name} is required: the recipe has no {name} section")
             if isinstance(value, dict):
                 setattr(self, name, build(cls, value, name + "."))
-        if self.flat_lora is None:
-            self.flat_lora = FlatLoraConfig()
-        elif isinstance(self.flat_lora, dict):
-            self.flat_lora = build(FlatLoraConfig, self.flat_lora, "flat_lora.")
         for name in ("lora", "training"):
             value = {} if getattr(self, name) is None else getattr(self, name)
             if not isinstance(value, dict):
                 raise ValueError(f"{name} must be a mapping of field names to values, got {type(value).__name__}")
             setattr(self, name, dict(value))
+        # the noise seed follows the training seed unless flat_lora.seed is given: three training seeds are three
+        # noise streams, as three independent trials need (a FlatLoraConfig object counts as given)
+        flat = {} if self.flat_lora is None else self.flat_lora
+        self.noise_seed_derived = isinstance(flat, dict) and "seed" not in flat
+        if isinstance(flat, dict):
+            if self.noise_seed_derived:
+                flat = {**flat, "seed": self.training_seed}
+            self.flat_lora = build(FlatLoraConfig, flat, "flat_lora.")
         one_of("method", self.method, METHODS)
+        if self.early_stopping_patience is not None:
+            if self.early_stopping_patience < 1:
+                raise ValueError(f"early_stopping_patience={self.early_stopping_patience} must be >= 1 (or null)")
+            if not self.training.get("load_best_model_at_end"):
+                raise ValueError("early_stopping_patience needs training.load_best_model_at_end: true (and an "
+                                 "eval_strategy equal to save_strategy)")
+            if self.training.get("eval_strategy", "no") == "no":
+                raise ValueError("early_stopping_patience needs evaluations: set training.eval_strategy (and "
+                                 "save_strategy) to epoch or steps, or early_stopping_patience to null")
         if "output_dir" in self.training:
             raise ValueError("training.output_dir: set the run folder with the recipe's top-level output_dir")
         if self.task.type == "causal-lm-sft" and self.data.eval is not None and "gsm8k_accuracy" in \
@@ -78,9 +97,21 @@ class Recipe:
 
         passthrough.validate(self)
 
+    @property
+    def training_seed(self) -> int:
+        """``training.seed``, or ``TrainingArguments``' default 42 when the recipe does not set it."""
+        seed = self.training.get("seed", 42)
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+            raise ValueError(f"training.seed={seed!r} must be an integer in [0, 2**63)")
+        return seed
+
     # --- serialisation ------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        """Plain data; a derived noise seed is left out (it is derived again from training.seed on load)."""
+        out = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        if getattr(self, "noise_seed_derived", False):
+            del out["flat_lora"]["seed"]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Recipe":
@@ -97,7 +128,10 @@ class Recipe:
             return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
 
         Dumper.add_representer(str, text)
-        return yaml.dump(self.to_dict(), Dumper=Dumper, sort_keys=False, allow_unicode=True, width=120)
+        body = yaml.dump(self.to_dict(), Dumper=Dumper, sort_keys=False, allow_unicode=True, width=120)
+        if self.noise_seed_derived:
+            body += f"# flat_lora.seed: {self.flat_lora.seed}, derived from training.seed (set it to fix it)\n"
+        return body
 
     @classmethod
     def from_yaml(cls, text: str) -> "Recipe":
@@ -147,12 +181,13 @@ def build(cls: type, data: Any, prefix: str) -> Any:
         if key not in types_:
             valid = ", ".join(names)
             raise ValueError(f"unknown key {prefix}{key}{_types.suggest(str(key), names)}; keys of {where}: {valid}")
+        if cls is Recipe and (key in ("lora", "training") or key == "flat_lora" and isinstance(value, dict)):
+            # flat_lora is built by Recipe itself: it needs to know whether the noise seed was given
+            kwargs[key] = value
+            continue
         sub = nested_class(cls, key)
         if sub is not None and value is not None:
             kwargs[key] = value if isinstance(value, sub) else build(sub, value, f"{prefix}{key}.")
-            continue
-        if cls is Recipe and key in ("lora", "training"):
-            kwargs[key] = value
             continue
         value = _types.coerce(value, types_[key])
         if not _types.fits(value, types_[key]):

@@ -9,7 +9,11 @@ text (templates, names), which get the text as given; several values after one f
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import hashlib
+import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +64,7 @@ def _annotation(path: list[str], task_type: str | None) -> Any:
                              + ", ".join(types_))
         sub = nested_class(cls, name)
         if sub is None:
-            if i != len(path) - 1 and not (cls is DataSource and name in ("columns", "filter")):
+            if i != len(path) - 1 and not (cls is DataSource and name in ("columns", "filter", "exclude")):
                 raise ValueError(f"--{'.'.join(path)}: {'.'.join(path[:i + 1])} has no sub-keys")
             return types_[name]
         cls = sub
@@ -122,7 +126,8 @@ def _list_item(tp: Any) -> Any:
 def load_recipe(path: str | Path | None, overrides: list[str] | list[tuple[str, list[str]]] = (),
                 ) -> Recipe:
     """The `Recipe` of a YAML/JSON file with flag overrides (flags win). Relative paths in the file are taken from
-    the file's folder; ``output_dir`` defaults to ``runs/train/<file name>/<method>/seed<training.seed>``."""
+    the file's folder; ``output_dir`` defaults to ``runs/train/<file name>/<method>/seed<training.seed>``, with a
+    level for the overrides that change the run between (`variant_folder`)."""
     raw: dict[str, Any] = {}
     stem = "recipe"
     if path is not None:
@@ -140,16 +145,68 @@ def load_recipe(path: str | Path | None, overrides: list[str] | list[tuple[str, 
         resolve_paths(raw, path.resolve().parent)
         stem = path.stem
     pairs = overrides if overrides and not isinstance(overrides[0], str) else parse_overrides(list(overrides))
+    file_raw = copy.deepcopy(raw)
     apply_overrides(raw, list(pairs))
     if raw.get("output_dir") is None:
         training = raw.get("training") if isinstance(raw.get("training"), dict) else {}
         seed = training.get("seed", 42)  # TrainingArguments' default seed
-        raw["output_dir"] = str(Path("runs") / "train" / stem / str(raw.get("method", "flat-lora")) / f"seed{seed}")
+        method = str(raw.get("method", "flat-lora"))
+        raw["output_dir"] = str(variant_folder(stem, changed_keys(file_raw, raw, [k for k, _ in pairs], method))
+                                / method / f"seed{seed}")
     where = f"recipe file {str(path)!r}: " if path is not None else ""
     try:
         return build(Recipe, raw, "")
     except ValueError as exc:
         raise ValueError(f"{where}{exc}") from None
+
+
+# overrides that leave the trained adapter and its scores as they are: they do not key the run folder
+_NOT_RUN_KEYS = {"method", "output_dir", "training.seed", "data.cache_dir", "training.logging_steps",
+                 "training.logging_strategy", "training.logging_first_step", "training.logging_dir",
+                 "training.report_to", "training.run_name", "training.disable_tqdm", "training.dataloader_num_workers",
+                 "training.resume_from_checkpoint", "training.save_total_limit"}
+
+
+def _get(raw: Any, path: list[str]) -> Any:
+    for name in path:
+        if not isinstance(raw, dict) or name not in raw:
+            return _MISSING
+        raw = raw[name]
+    return raw
+
+
+_MISSING = object()
+
+
+def changed_keys(file_raw: dict[str, Any], raw: dict[str, Any], keys: list[str], method: str) -> dict[str, Any]:
+    """``{key: new value}`` of the overridden keys that change the run: the value differs from the file's, and the
+    key is neither the method nor the seed (they have their own folder levels) nor a logging setting; ``flat_lora``
+    keys do not change a ``method: lora`` run."""
+    out = {}
+    for key in dict.fromkeys(keys):
+        if key in _NOT_RUN_KEYS or (method == "lora" and key.startswith("flat_lora.")):
+            continue
+        new = _get(raw, key.split("."))
+        if new != _get(file_raw, key.split(".")):
+            out[key] = new
+    return dict(sorted(out.items()))
+
+
+def variant_folder(stem: str, changed: dict[str, Any]) -> Path:
+    """``runs/train/<stem>`` for the file as it is; ``runs/train/<stem>/<key=value+...>-<hash>`` when overrides
+    change the run: a readable name (cut at 60 characters) and 8 hex digits of the SHA-1 of the exact values, so
+    every distinct set of overrides has its own folder and the same set finds the same one."""
+    root = Path("runs") / "train" / stem
+    if not changed:
+        return root
+
+    def text(value: Any) -> str:
+        return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+    readable = "+".join(f"{k}={text(v)}" for k, v in changed.items())
+    readable = re.sub(r"[^A-Za-z0-9._=,+-]", "_", readable)[:60]
+    digest = hashlib.sha1(json.dumps(changed, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return root / f"{readable}-{digest}"
 
 
 def key_help() -> list[tuple[str, str]]:

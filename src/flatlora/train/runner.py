@@ -9,10 +9,14 @@ The run folder (``recipe.output_dir``):
 * ``adapter_model.safetensors``, ``adapter_config.json``, ``README.md``: the PEFT adapter (``trainer.save_model``),
   with the tokenizer or image processor; ``flat_lora_config.json`` beside it for ``method: flat-lora``
   (written by `FlatLoraCallback`);
-* ``metrics.json``: train and eval metrics; ``predictions.jsonl``: the GSM8K generations (causal-lm-sft);
+* ``metrics.json``: train and eval metrics of the model training ended with (with ``load_best_model_at_end``: the
+  restored best checkpoint, ``best_checkpoint_step``, ``best_metric``), the last evaluation during training
+  (``last_eval``), ``training_seed`` and, for flat-lora, ``flat_lora_seed`` and ``flat_lora_seed_from``;
+  ``predictions.jsonl``: the GSM8K generations with both readings of each answer (causal-lm-sft);
 * ``recipe.yaml``: the resolved recipe (``flatlora train recipe.yaml`` re-runs it);
 * ``trainer_state.json`` (the Trainer's ``log_history``) and ``log.jsonl`` (each log line as it was logged);
-  checkpoints as ``training.save_strategy`` says.
+  checkpoints as ``training.save_strategy`` says. A folder with checkpoints but no ``metrics.json`` is an
+  interrupted run: `run` resumes it from the newest checkpoint (`resume_point`).
 
 Under ``accelerate launch`` / ``torchrun`` every process runs this same code; the Trainer shards the data and only
 the main process writes files.
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,11 +109,17 @@ def load_model(recipe: Recipe, args: Any, path: str, num_labels: int | None, nam
                       label2id={n: i for i, n in enumerate(labels)})
         if recipe.task.type == "image-classification":
             kwargs["ignore_mismatched_sizes"] = True  # a checkpoint's own head (e.g. ImageNet) is replaced
+    zero_shot = recipe.task.type == "image-classification" and recipe.task.image_head == "clip-zero-shot"
     try:
-        model = tasks.model_class(recipe.task.type).from_pretrained(path, **kwargs)
+        if zero_shot:
+            model = _zero_shot_model(recipe, path, names, num_labels, kwargs)
+        else:
+            model = tasks.model_class(recipe.task.type).from_pretrained(path, **kwargs)
     except (OSError, ValueError, ImportError) as exc:
-        raise ValueError(f"model.name_or_path={recipe.model.name_or_path!r}: cannot load it as "
-                         f"{tasks.AUTO_CLASSES[recipe.task.type]}: {' '.join(str(exc).split())}") from None
+        what = "CLIPModel with its tokenizer (task.image_head clip-zero-shot)" if zero_shot else \
+            tasks.AUTO_CLASSES[recipe.task.type]
+        raise ValueError(f"model.name_or_path={recipe.model.name_or_path!r}: cannot load it as {what}: "
+                         f"{' '.join(str(exc).split())}") from None
     if recipe.task.type == "sequence-classification" and model.config.pad_token_id is None:
         model.config.pad_token_id = proc.pad_token_id  # decoder-only classifiers find the last token by padding
     if spec.load_in_4bit:
@@ -119,6 +130,35 @@ def load_model(recipe: Recipe, args: Any, path: str, num_labels: int | None, nam
     return model
 
 
+def _zero_shot_model(recipe: Recipe, path: str, names: list[str] | None, num_labels: int | None,
+                     kwargs: dict[str, Any]) -> Any:
+    """CLIP with its frozen zero-shot head over the recipe's classes (`flatlora.train.zero_shot`)."""
+    from . import zero_shot
+
+    task = recipe.task
+    names = task.class_names or names
+    if names is None:
+        raise ValueError(f"task.image_head=clip-zero-shot needs the class names: column {task.label_column!r} has "
+                         "no ClassLabel names; set task.class_names")
+    if len(names) != num_labels:
+        raise ValueError(f"task.class_names has {len(names)} names but the data has {num_labels} classes")
+    keep = ("revision", "trust_remote_code", "dtype", "attn_implementation", "quantization_config", "device_map")
+    return zero_shot.load(path, names, task.class_templates, tokenizer=recipe.model.tokenizer,
+                          **{k: v for k, v in kwargs.items() if k in keep})
+
+
+def _length_limit(recipe: Recipe, tok: Any) -> Any:
+    """The ``task.max_train_tokens`` row selection for `data.load_source` (applied before ``max_samples``, as the
+    official preparation), with the training columns checked first so that a missing one is named, not a KeyError."""
+    drop = tasks.drop_long(recipe.task, tok)
+
+    def keep(ds: Any) -> Any:
+        data_mod.check_columns(ds, recipe.data.train, recipe.task, "train")
+        return drop(ds)
+
+    return keep
+
+
 def prepare(recipe: Recipe) -> Prepared:
     """Load and check everything a run needs (model, data, Trainer); write nothing."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -127,7 +167,7 @@ def prepare(recipe: Recipe) -> Prepared:
     from transformers import set_seed
 
     out = Path(recipe.output_dir or f"runs/train/{recipe.method}")
-    if (out / "metrics.json").exists() and not recipe.training.get("resume_from_checkpoint"):
+    if (out / "metrics.json").exists():
         raise ValueError(f"output_dir={str(out)!r} already holds a finished run (metrics.json); choose another "
                          "output_dir or remove that folder")
     data_mod.check_local_files(recipe)
@@ -135,7 +175,10 @@ def prepare(recipe: Recipe) -> Prepared:
     lora = passthrough.lora_config(recipe)
     path = resolve_model(recipe)
     task = recipe.task
-    train = data_mod.load_source(recipe.data.train, "train", recipe.data.cache_dir)
+    proc = tasks.load_processing(task, recipe.model.tokenizer or path, recipe.model.revision,
+                                 recipe.model.trust_remote_code)
+    keep = _length_limit(recipe, proc) if task.max_train_tokens else None
+    train = data_mod.load_source(recipe.data.train, "train", recipe.data.cache_dir, keep=keep)
     data_mod.check_columns(train, recipe.data.train, task, "train")
     evals = None
     if recipe.data.eval is not None:
@@ -145,8 +188,6 @@ def prepare(recipe: Recipe) -> Prepared:
     if task.type in ("sequence-classification", "image-classification") or task.label_words:
         train, evals = data_mod.encode_labels(train, evals, task)
         num_labels, names = data_mod.num_classes(train, task)
-    proc = tasks.load_processing(task, recipe.model.tokenizer or path, recipe.model.revision,
-                                 recipe.model.trust_remote_code)
     set_seed(args.seed)  # the head and LoRA initialisation: the same for method lora and flat-lora
     model = load_model(recipe, args, path, num_labels, names, proc)
     try:
@@ -163,6 +204,10 @@ def prepare(recipe: Recipe) -> Prepared:
         from ..callback import FlatLoraCallback
 
         callback = FlatLoraCallback(recipe.flat_lora).attach(trainer)
+    if recipe.early_stopping_patience is not None:
+        from transformers import EarlyStoppingCallback
+
+        trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=recipe.early_stopping_patience))
     trainer.add_callback(jsonl_log(Path(args.output_dir) / "log.jsonl"))
     return Prepared(recipe, trainer, callback, proc, task_data, names)
 
@@ -180,22 +225,25 @@ def run(prep: Prepared) -> dict[str, Any]:
     if main:
         out.mkdir(parents=True, exist_ok=True)
         recipe.save(out / "recipe.yaml")
-    result = trainer.train(resume_from_checkpoint=recipe.training.get("resume_from_checkpoint"))
+    result = trainer.train(resume_from_checkpoint=resume_point(recipe, out))
     trainer.save_model()
     trainer.save_state()
     metrics: dict[str, Any] = {"method": recipe.method, "task": recipe.task.type,
                                "model": recipe.model.name_or_path, "optimizer_steps": trainer.state.global_step,
-                               **result.metrics}
+                               "training_seed": recipe.training_seed, **result.metrics}
     if prep.callback is not None:
-        metrics["flat_lora_rho"] = recipe.flat_lora.rho
+        metrics.update(flat_lora_rho=recipe.flat_lora.rho, flat_lora_seed=recipe.flat_lora.seed,
+                       flat_lora_seed_from="training.seed" if recipe.noise_seed_derived else "flat_lora.seed")
     if prep.task_data.eval is not None:
-        metrics.update(trainer.evaluate())
+        metrics.update(selection(trainer))
+        metrics.update(trainer.evaluate())  # the model training ended with: the best checkpoint if it was restored
     if prep.task_data.prompts:
         from .metrics import gsm8k_accuracy
 
         texts = tasks.generate(trainer, prep.processing, prep.task_data.prompts, recipe.task)
-        accuracy, records = gsm8k_accuracy(texts, prep.task_data.references)
-        metrics["eval_gsm8k_accuracy"] = accuracy
+        accuracy, lenient, records = gsm8k_accuracy(texts, prep.task_data.references)
+        metrics["eval_gsm8k_accuracy"] = accuracy  # the official code's scorer, as the paper's numbers
+        metrics["eval_gsm8k_accuracy_lenient"] = lenient
         metrics["eval_gsm8k_examples"] = len(records)
         if main:
             with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
@@ -204,6 +252,42 @@ def run(prep: Prepared) -> dict[str, Any]:
     if main:
         write_json(out / "metrics.json", metrics)
     return metrics
+
+
+def resume_point(recipe: Recipe, out: Path) -> Any:
+    """What ``Trainer.train(resume_from_checkpoint=...)`` gets: ``training.resume_from_checkpoint`` when set, else
+    the newest ``checkpoint-N`` of an unfinished run in ``out`` (announced on stderr), else None."""
+    given = recipe.training.get("resume_from_checkpoint")
+    if given is not None or not out.is_dir():
+        return given
+    last = last_checkpoint(out)
+    if last is not None:
+        print(f"resuming the unfinished run in {out} from {last.name}", file=sys.stderr)
+        return str(last)
+    return None
+
+
+def last_checkpoint(out: Path) -> Path | None:
+    """The ``checkpoint-N`` folder of ``out`` with the largest N (as transformers' ``get_last_checkpoint``), or
+    None."""
+    found = [(int(p.name.rsplit("-", 1)[1]), p) for p in out.glob("checkpoint-*")
+             if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit()] if out.is_dir() else []
+    return max(found)[1] if found else None
+
+
+def selection(trainer: Any) -> dict[str, Any]:
+    """How the reported model was chosen, from the Trainer's state: the last evaluation during training
+    (``last_eval``: its epoch, step and metrics) and, with ``load_best_model_at_end``, the restored checkpoint
+    (``best_checkpoint_step``, ``best_metric`` of ``metric_for_best_model``). Empty when training never evaluated."""
+    evals = [e for e in trainer.state.log_history if any(k.startswith("eval_") for k in e)]
+    if not evals:
+        return {}
+    out: dict[str, Any] = {"last_eval": dict(evals[-1])}
+    best = trainer.state.best_model_checkpoint
+    if trainer.args.load_best_model_at_end and best:
+        out.update(best_checkpoint_step=int(Path(best).name.rsplit("-", 1)[-1]),
+                   best_metric_name=trainer.args.metric_for_best_model, best_metric=trainer.state.best_metric)
+    return out
 
 
 def jsonl_log(path: Path) -> Any:

@@ -17,6 +17,7 @@ from typing import Any
 from .. import _dataclass_io as dio
 
 TASK_TYPES = ("causal-lm-sft", "seq2seq", "sequence-classification", "image-classification")
+IMAGE_HEADS = ("linear", "clip-zero-shot")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 CLASSIFICATION_METRICS = ("accuracy", "f1", "matthews_correlation")
 METRICS_BY_TASK = {
@@ -100,6 +101,9 @@ class DataSource:
     revision: str | None = field(None, "hub revision of the dataset")
     columns: dict[str, str] = field({}, "rename columns, {dataset column: name used by the task}")
     filter: dict[str, str] = field({}, "keep only rows whose column contains the text, {column: text}")
+    exclude: dict[str, list[str]] = field(
+        {}, "drop rows whose column contains any of the texts, ignoring case, {column: [text, ...]} (the official "
+            "WizardLM preparation: {output: [sorry, as an ai]})")
     max_samples: int | None = field(None, "keep the first N rows (after filter); null: all")
 
     def __post_init__(self) -> None:
@@ -109,6 +113,13 @@ class DataSource:
             self.columns = {}
         if self.filter is None:
             self.filter = {}
+        if self.exclude is None:
+            self.exclude = {}
+        self.exclude = {k: [v] if isinstance(v, str) else v for k, v in self.exclude.items()}
+        bad = [(k, v) for k, v in self.exclude.items() if not isinstance(k, str) or not isinstance(v, list)
+               or not v or not all(isinstance(t, str) and t for t in v)]
+        if bad:
+            raise ValueError(f"exclude: {bad[0][0]!r}: {bad[0][1]!r} must map a column name to a list of texts")
         for key in ("columns", "filter"):
             bad = [(k, v) for k, v in getattr(self, key).items() if not isinstance(k, str) or not isinstance(v, str)]
             if bad:
@@ -150,6 +161,16 @@ class TaskSpec:
     text_columns: list[str] = field(["sentence"], "sequence-classification: the text column, or two for pairs")
     label_column: str = field("label", "classification: the integer label column")
     image_column: str = field("img", "image-classification: the image column")
+    image_head: str = field(
+        "linear", "image-classification: linear (a new linear head, trained: AutoModelForImageClassification) or "
+                  "clip-zero-shot (the paper's: CLIP's zero-shot head, frozen: class-name prompts through the text "
+                  "tower, cosine logits with CLIP's logit scale; needs a CLIPModel checkpoint with its tokenizer)")
+    class_templates: list[str] = field(
+        ["a photo of a {name}."], "clip-zero-shot: the prompt(s) of a class, {name} its name (several: their "
+                                  "normalized mean embedding, CLIP's prompt ensembling)")
+    class_names: list[str] | None = field(
+        None, "clip-zero-shot: the class names in label order (default: the label column's ClassLabel names, "
+              "underscores read as spaces)")
     num_labels: int | None = field(None, "classification: number of classes (default: from the dataset's "
                                          "ClassLabel names, else max label + 1)")
     prompt_template: str | None = field(
@@ -160,6 +181,14 @@ class TaskSpec:
                                           "(MetaMathQA: '\\nThe answer is:')")
     label_words: list[str] | None = field(
         None, "seq2seq classification: the target word of each label (their first tokens must differ)")
+    target_first_code_block: bool = field(
+        False, "keep the target up to the end of its first ``` code block (the official Code-Feedback preparation)")
+    max_train_tokens: int | None = field(
+        None, "causal-lm-sft: drop training rows whose prompt + completion is this many tokens or more (special "
+              "tokens counted, as the official data preparation: MetaMathQA 512, Code-Feedback and WizardLM 1024), "
+              "before data.train.max_samples; null: keep every row (longer ones are cut at training.max_length)")
+    generation_suffix: str = field(
+        "", "causal-lm-sft generation: text appended to each prompt (the official GSM8K evaluation appends ' ')")
     answer_column: str = field("answer", "causal-lm-sft: the eval column holding the reference answer")
     metrics: list[str] | None = field(
         None, "accuracy, f1, matthews_correlation (classification), exact_match (seq2seq text), gsm8k_accuracy "
@@ -177,7 +206,8 @@ class TaskSpec:
             self.text_columns = [self.text_columns]
         if not 1 <= len(self.text_columns) <= 2:
             raise ValueError(f"text_columns={self.text_columns} must name one column, or two for sentence pairs")
-        for key in ("num_labels", "max_length", "max_target_length", "max_new_tokens", "generation_batch_size"):
+        for key in ("num_labels", "max_length", "max_target_length", "max_new_tokens", "generation_batch_size",
+                    "max_train_tokens"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ValueError(f"{key}={value} must be >= 1")
@@ -190,6 +220,18 @@ class TaskSpec:
             raise ValueError("target_template is required for causal-lm-sft (the completion), e.g. ' {answer}'")
         if self.type == "seq2seq" and not (self.label_words or self.target_template):
             raise ValueError("seq2seq needs label_words (classification) or target_template (text targets)")
+        one_of("image_head", self.image_head, IMAGE_HEADS)
+        if isinstance(self.class_templates, str):
+            self.class_templates = [self.class_templates]
+        if not self.class_templates:
+            raise ValueError("class_templates must hold at least one prompt, e.g. 'a photo of a {name}.'")
+        for t in self.class_templates:
+            if template_fields(t, "class_templates") != ["name"]:
+                raise ValueError(f"class_templates: {t!r} must hold {{name}} (the class name) and no other field")
+        if self.class_names is not None and len(self.class_names) < 2:
+            raise ValueError(f"class_names={self.class_names} must name two or more classes (or be null)")
+        if self.max_train_tokens is not None and self.type != "causal-lm-sft":
+            raise ValueError(f"max_train_tokens applies to causal-lm-sft, not {self.type}; set it to null")
         if self.label_words is not None and (len(self.label_words) < 2 or len(set(self.label_words)) != len(
                 self.label_words)):
             raise ValueError(f"label_words={self.label_words} must be two or more different words")

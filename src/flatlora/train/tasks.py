@@ -9,8 +9,9 @@ Trainer class trains it and how its predictions become metrics.
   builds on); without, greedy generation and exact match.
 * ``causal-lm-sft``: ``AutoModelForCausalLM``, prompt/completion pairs from the templates, TRL's ``SFTTrainer``
   (loss on the completion only); GSM8K accuracy by greedy generation after training.
-* ``image-classification``: ``AutoModelForImageClassification`` (CLIP: the vision tower + a linear head),
-  ``AutoImageProcessor`` applied on the fly, ``Trainer``; top-1 accuracy.
+* ``image-classification``: ``AutoModelForImageClassification`` (``image_head: linear``: the vision tower + a new
+  linear head) or CLIP with its frozen zero-shot head (``image_head: clip-zero-shot``, `.zero_shot`, built by the
+  runner), ``AutoImageProcessor`` applied on the fly, ``Trainer``; top-1 accuracy.
 """
 
 from __future__ import annotations
@@ -81,6 +82,29 @@ def cut(text: str, stop: str | None) -> str:
     return text.split(stop, 1)[0] if stop else text
 
 
+def target_text(task: "TaskSpec", row: dict[str, Any]) -> str:
+    """The target (seq2seq) or completion (SFT) of a row: ``target_template`` filled in, cut at ``target_stop``,
+    and with ``target_first_code_block`` kept up to the end of its first ``` block, as the official Code-Feedback
+    preparation (``"```".join(y.split("```")[:2]) + "```"``)."""
+    text = cut(task.target_template.format_map(row), task.target_stop)
+    if task.target_first_code_block:
+        text = "```".join(text.split("```")[:2]) + "```"
+    return text
+
+
+def drop_long(task: "TaskSpec", tok: Any) -> Callable[["Dataset"], "Dataset"]:
+    """The row selection of ``task.max_train_tokens``: keep rows whose prompt + completion, tokenized as one text
+    with the tokenizer's special tokens, is shorter than the limit (the official ``len(tokenizer(x + ' ' + y)
+    ['input_ids']) >= max_tokens`` -> drop, where our prompt and completion hold the official x and ' ' + y)."""
+    limit = task.max_train_tokens
+
+    def short(batch: dict[str, list]) -> list[bool]:
+        texts = [task.prompt_template.format_map(r) + target_text(task, r) for r in rows(batch)]
+        return [len(ids) < limit for ids in tok(texts)["input_ids"]]
+
+    return lambda ds: ds.filter(short, batched=True, desc=f"dropping rows of {limit}+ tokens")
+
+
 def build(recipe: "Recipe", model: Any, proc: Any, train: "Dataset", evals: "Dataset | None",
           names: list[str] | None) -> TaskData:
     """Turn the loaded datasets into the Trainer's inputs for ``recipe.task.type``."""
@@ -135,7 +159,7 @@ def _seq2seq(task, model, tok, train, evals, names) -> TaskData:
         if task.label_words:
             targets = [_label_word(task, r[task.label_column]) for r in items]
         else:
-            targets = [cut(task.target_template.format_map(r), task.target_stop) for r in items]
+            targets = [target_text(task, r) for r in items]
         enc = tok(sources, truncation=True, max_length=task.max_length)
         enc["labels"] = tok(text_target=targets, truncation=True, max_length=task.max_target_length)["input_ids"]
         return enc
@@ -183,7 +207,7 @@ def _sft(task, model, tok, train, evals, names) -> TaskData:
 
     def pairs(ds):
         return ds.map(lambda r: {"prompt": task.prompt_template.format_map(r),
-                                 "completion": cut(task.target_template.format_map(r), task.target_stop)},
+                                 "completion": target_text(task, r)},
                       remove_columns=ds.column_names, desc="formatting")
 
     data = TaskData(pairs(train))
@@ -191,7 +215,7 @@ def _sft(task, model, tok, train, evals, names) -> TaskData:
         if set(template_fields(task.target_template, "task.target_template")) <= set(evals.column_names):
             data.eval = pairs(evals)  # eval loss on the completions; skipped when eval rows lack them
         if "gsm8k_accuracy" in task.metrics:
-            data.prompts = [task.prompt_template.format_map(r) for r in evals]
+            data.prompts = [task.prompt_template.format_map(r) + task.generation_suffix for r in evals]
             data.references = [str(r[task.answer_column]) for r in evals]
     return data
 
