@@ -123,13 +123,15 @@ def summarize(runs: dict[str, list[dict]], cfg: ExperimentConfig) -> dict[str, A
             "n_test": first.get("metrics", {}).get("n_test"), "n_ood": first.get("metrics", {}).get("n_ood")}
 
 
-def _pct(s: dict) -> str:
+def fmt_pct(s: dict) -> str:
+    """A proportion's mean ± std over seeds (`flatlora.experiments.stats.mean_ci`), in percent."""
     if s["n"] < 2:
         return f"{100 * s['mean']:.2f}"
     return f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}"
 
 
-def _pp(x: float) -> str:
+def fmt_pp(x: float) -> str:
+    """A difference of proportions in percentage points, with its sign."""
     return "nan" if math.isnan(x) else f"{100 * x:+.2f}"
 
 
@@ -145,15 +147,15 @@ def table_md(results: dict[str, Any]) -> str:
     for label, m in ms.items():
         tl = m["train_loss"]
         tl_s = f"{tl['mean']:.4f}" + (f" ± {tl['std']:.4f}" if tl["n"] > 1 else "")
-        lines.append(f"| {label} | {len(m['seeds'])} | {_pct(m['test_accuracy'])} | {_pct(m['ood_accuracy'])} | "
+        lines.append(f"| {label} | {len(m['seeds'])} | {fmt_pct(m['test_accuracy'])} | {fmt_pct(m['ood_accuracy'])} | "
                      f"{tl_s} | {m['step_s']['mean']:.3f} | {m['peak_memory_mib']['mean']:.0f} |")
     groups = next((list(m["ood_groups"]) for m in ms.values() if m["ood_groups"]), [])
     if groups:
         lines += ["", "OOD accuracy (%) per corruption severity (mean over corruption types):", "",
                   "| method | clean | " + " | ".join(groups) + " |", "|---|---|" + "---|" * len(groups)]
         for label, m in ms.items():
-            cells = [_pct(m["ood_groups"][g]) for g in groups]
-            lines.append(f"| {label} | {_pct(m['test_accuracy'])} | " + " | ".join(cells) + " |")
+            cells = [fmt_pct(m["ood_groups"][g]) for g in groups]
+            lines.append(f"| {label} | {fmt_pct(m['test_accuracy'])} | " + " | ".join(cells) + " |")
     flat = [(label, m) for label, m in ms.items() if m.get("flatness")]
     measured = [k for k in FLATNESS if any(math.isfinite(m["flatness"][k]["mean"]) for _, m in flat)]
     if flat:  # a measure no run took (e.g. the Hessian with hessian_iters=0) gets no column
@@ -171,8 +173,8 @@ def table_md(results: dict[str, Any]) -> str:
                   "|---|---|---|---|---|---|"]
         for p in results["paired"]:
             for metric, d in p["diffs"].items():
-                ci, pv = _ci_cells(d)
-                lines.append(f"| {p['method']} − {p['baseline']} | {metric} | {_pp(d['mean'])} | {ci} | {pv} | "
+                ci, pv = ci_cells(d)
+                lines.append(f"| {p['method']} − {p['baseline']} | {metric} | {fmt_pp(d['mean'])} | {ci} | {pv} | "
                              f"{d['n']} |")
     lines += _set_diff_table(results["paired"]) + _flatness_diff_table(results["paired"])
     return "\n".join(lines) + "\n"
@@ -200,7 +202,7 @@ def _set_diff_table(paired: list[dict]) -> list[str]:
                 "| OOD set | " + " | ".join(f"severity {s}" if s else "accuracy" for s in sevs) + " |",
                 "|---|" + "---|" * len(sevs)]
         for kind, row in grid.items():
-            cells = [f"{_pp(row[s]['mean'])} {_ci_cells(row[s])[0]}" if s in row else "" for s in sevs]
+            cells = [f"{fmt_pp(row[s]['mean'])} {ci_cells(row[s])[0]}" if s in row else "" for s in sevs]
             out.append(f"| {kind} | " + " | ".join(cells) + " |")
     return out
 
@@ -214,13 +216,13 @@ def _flatness_diff_table(paired: list[dict]) -> list[str]:
            "Student-t 95% CI over seeds:", "",
            "| comparison | measure | mean diff | 95% CI | p (paired t) | seeds |", "|---|---|---|---|---|---|"]
     for p, k, d in rows:
-        ci, pv = _ci_cells(d, _units)
-        out.append(f"| {p['method']} − {p['baseline']} | {FLATNESS[k]} | {_units(d['mean'])} | {ci} | {pv} | "
+        ci, pv = ci_cells(d, fmt_units)
+        out.append(f"| {p['method']} − {p['baseline']} | {FLATNESS[k]} | {fmt_units(d['mean'])} | {ci} | {pv} | "
                    f"{d['n']} |")
     return out
 
 
-def _ci_cells(d: dict, fmt: Callable[[float], str] = _pp) -> tuple[str, str]:
+def ci_cells(d: dict, fmt: Callable[[float], str] = fmt_pp) -> tuple[str, str]:
     """The CI (its ends written by ``fmt``: percentage points by default) and p-value cells of a paired
     difference; 'n/a (why)' where the t-test is undefined."""
     if d["n"] < 2:
@@ -230,7 +232,7 @@ def _ci_cells(d: dict, fmt: Callable[[float], str] = _pp) -> tuple[str, str]:
     return f"[{fmt(d['low'])}, {fmt(d['high'])}]", f"{d['p_value']:.3f}"
 
 
-def _units(x: float) -> str:
+def fmt_units(x: float) -> str:
     """A flatness value or difference in its own units, 4 significant digits with its sign."""
     return f"{x:+.4g}"
 
@@ -259,4 +261,5 @@ def write_report(root: str | Path, cfg: ExperimentConfig) -> dict[str, Any]:
     return results
 
 
-__all__ = ["FLATNESS", "collect", "severity_slope", "split_set_name", "summarize", "table_md", "write_report"]
+__all__ = ["FLATNESS", "ci_cells", "collect", "fmt_pct", "fmt_pp", "fmt_units", "severity_slope", "split_set_name",
+           "summarize", "table_md", "write_report"]

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .._jsonio import write_json, write_text_atomic
-from ..experiments.report import _ci_cells, _pct, _pp, _units
+from ..experiments.report import ci_cells, fmt_pct, fmt_pp, fmt_units
 from ..experiments.stats import mean_ci, paired_diff
 from .recipe import METHODS, Recipe
 from .resolve import load_recipe
@@ -168,7 +168,7 @@ def _label(name: str) -> str:
 
 def _cell(name: str, s: dict[str, Any]) -> str:
     if is_score(name):
-        return _pct(s)
+        return fmt_pct(s)
     if not math.isfinite(s["mean"]):
         return "n/a"
     return f"{s['mean']:.4f}" + (f" ± {s['std']:.4f}" if s["n"] > 1 else "")
@@ -193,8 +193,8 @@ def table_md(summary: dict[str, Any], title: str) -> str:
         for p in summary["paired"]:
             for k in scores:
                 d = p["diffs"][k]
-                ci, pv = _ci_cells(d)
-                lines.append(f"| {p['method']} − {p['baseline']} | {_label(k)} | {_pp(d['mean'])} | {ci} | {pv} | "
+                ci, pv = ci_cells(d)
+                lines.append(f"| {p['method']} − {p['baseline']} | {_label(k)} | {fmt_pp(d['mean'])} | {ci} | {pv} | "
                              f"{d['n']} |")
     if summary["paired"] and others:
         lines += ["", "Paired differences of losses (method − baseline, in their own units), Student-t 95% CI over "
@@ -203,8 +203,8 @@ def table_md(summary: dict[str, Any], title: str) -> str:
         for p in summary["paired"]:
             for k in others:
                 d = p["diffs"][k]
-                ci, pv = _ci_cells(d, _units)
-                lines.append(f"| {p['method']} − {p['baseline']} | {_label(k)} | {_units(d['mean'])} | {ci} | {pv} | "
+                ci, pv = ci_cells(d, fmt_units)
+                lines.append(f"| {p['method']} − {p['baseline']} | {_label(k)} | {fmt_units(d['mean'])} | {ci} | {pv} | "
                              f"{d['n']} |")
     return "\n".join(lines) + "\n"
 
