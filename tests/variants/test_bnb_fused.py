@@ -96,26 +96,32 @@ def _reference(model: nn.Module, noise: dict[str, torch.Tensor], x: torch.Tensor
     gradients of x and of every A and B (fresh leaves)."""
     x = x.detach().clone().requires_grad_()
     leaves, h = {}, x
+    bias = model.base_model.model.fc1.base_layer.bias
+    if bias.requires_grad:
+        leaves["fc1.bias"] = bias = bias.detach().clone().requires_grad_()
     for name, lora in zip(("fc1", "fc2"), _layers(model)):
         a = lora.lora_A["default"].weight.detach().clone().requires_grad_()
         b = lora.lora_B["default"].weight.detach().clone().requires_grad_()
         leaves.update({f"{name}.A": a, f"{name}.B": b})
         e = next(v for k, v in noise.items() if k.endswith(name))
         w = _deq(lora.base_layer) + lora.scaling["default"] * b @ a + e
-        h = F.linear(h, w, lora.base_layer.bias)
+        h = F.linear(h, w, bias if name == "fc1" else None)
         if name == "fc1":
             h = torch.relu(h)
     _probe(h).backward()
     return h.detach(), {"x": x.grad, **{k: v.grad for k, v in leaves.items()}}
 
 
-def _run(model: nn.Module, flat: FlatLora, x: torch.Tensor, **kw) -> tuple[torch.Tensor, dict]:
+def _run(model: nn.Module, flat: FlatLora, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
     model.zero_grad(set_to_none=True)
     x = x.detach().clone().requires_grad_()
     with flat.perturbed(T):
         y = model(x)
         _probe(y).backward()
     grads = {"x": x.grad}
+    bias = model.base_model.model.fc1.base_layer.bias
+    if bias.requires_grad:
+        grads["fc1.bias"] = bias.grad
     for name, lora in zip(("fc1", "fc2"), _layers(model)):
         grads.update({f"{name}.A": lora.lora_A["default"].weight.grad, f"{name}.B": lora.lora_B["default"].weight.grad})
     return y.detach(), grads
@@ -125,6 +131,7 @@ def _run(model: nn.Module, flat: FlatLora, x: torch.Tensor, **kw) -> tuple[torch
 def test_output_and_gradients_equal_a_dense_forward_at_the_dequantized_weight_plus_lora_plus_noise(
         bits, quant_type, nested):
     model = _model(bits, quant_type, nested)
+    model.base_model.model.fc1.base_layer.bias.requires_grad_(True)  # as with LoraConfig(bias="all")
     flat = FlatLora(model, FlatLoraConfig(rho=0.5, seed=1), total_steps=T)
     noise = flat.noise(T)
     want_y, want = _reference(model, noise, _x())
@@ -135,6 +142,33 @@ def test_output_and_gradients_equal_a_dense_forward_at_the_dequantized_weight_pl
     assert got.keys() == want.keys()
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16, None], ids=["fp32", "bf16", "unset"])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=["x-fp32", "x-bf16"])
+def test_the_fused_forward_computes_in_the_dtype_bitsandbytes_would(compute, x_dtype):
+    """Linear4bit casts the input to its compute dtype, which its first forward switches to an fp32/bf16 input's
+    dtype when none was given, and returns the input's dtype: the fused forward does the same without writing
+    the layer. Checked against bitsandbytes' own forward plus x @ E.T, to the compute dtype's rounding."""
+    from flatlora._quantized_op import fused_linear
+    from flatlora.noise import NoiseSpec
+
+    gen = torch.Generator().manual_seed(5)
+    layer = bnb.nn.Linear4bit(IN, HID, bias=True, quant_type="nf4", compute_dtype=compute)
+    layer.weight = bnb.nn.Params4bit(torch.randn(HID, IN, generator=gen) * 0.05, requires_grad=False,
+                                     quant_type="nf4", module=layer)
+    layer = layer.to("cpu")
+    layer.support_avx512bf16_for_cpu = False
+    spec = NoiseSpec(7, torch.full((HID,), 0.01), (HID, IN))
+    x = torch.randn(3, IN, generator=gen).to(x_dtype)
+    flag = layer.compute_type_is_set
+    got = fused_linear(x, layer, spec)
+    assert layer.compute_type_is_set == flag and layer.compute_dtype == compute  # nothing set on the layer
+    want = layer(x) + F.linear(x.float(), spec.sample()).to(x_dtype)  # bitsandbytes' forward sets them now
+    used = layer.compute_dtype if layer.compute_dtype is not None else x_dtype
+    assert got.dtype == want.dtype == x_dtype
+    tol = 1e-5 if used == torch.float32 and x_dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
 
 
 class _FullMatmuls(TorchDispatchMode):
