@@ -1,5 +1,6 @@
 """Flat-LoRA's cost against LoRA, LoRA-SAM and the peers (Bi-LoRA, EFlat-LoRA, ALoRA's gated super-network and
-its reallocation rounds): per-step time, peak memory, where the time goes, scaling.
+its reallocation rounds): per-step time, peak memory, where the time goes, scaling; and a QLoRA configuration (an
+NF4 base beside a dense one, ``_bench/qlora.py``).
 
     .venv/bin/python benchmarks/overhead.py              # full run (CPU: tens of minutes on 2 cores)
     .venv/bin/python benchmarks/overhead.py --quick      # seconds: tiny models, for smoke tests

@@ -20,6 +20,8 @@ to that buffer in place and runs one matmul at ``deq(W0) + E`` (`flatlora._quant
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
@@ -98,10 +100,9 @@ def fuses_noise(base: nn.Module) -> bool:
     """
     w = base.weight
     kind = type(w).__name__
-    if kind not in ("Params4bit", "Int8Params"):
+    bnb = sys.modules.get("bitsandbytes")  # loaded whenever a weight is one of its types; never imported here
+    if kind not in ("Params4bit", "Int8Params") or bnb is None:
         return False
-    import bitsandbytes as bnb  # installed: the weight is one of its types
-
     if kind == "Params4bit":
         return (type(base).forward is bnb.nn.Linear4bit.forward and getattr(w, "quant_state", None) is not None
                 and not _packed(w))
@@ -118,12 +119,10 @@ def dequantize_as(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """
     w = base.weight
     if type(w).__name__ == "Params4bit":
-        from bitsandbytes.functional import dequantize_blockwise
-
         qs = w.quant_state
         absmax = qs.absmax
         if qs.nested:
-            absmax = dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
+            absmax = sys.modules["bitsandbytes"].functional.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
         return torch.ops.bitsandbytes.dequantize_4bit.default(w.data, absmax.float(), qs.blocksize, qs.quant_type,
                                                                qs.shape, dtype)
     return w.data.to(dtype, copy=True).mul_(_scb(base).unsqueeze(1).mul(1.0 / 127.0))
