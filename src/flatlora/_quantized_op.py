@@ -98,8 +98,7 @@ class QuantizedExactLayer(ExactLayer):
 
     def __init__(self, base: nn.Module, op: Op, transposed: bool) -> None:
         super().__init__(base, op, transposed)
-        self._outside: _OutsideGraph = _OutsideGraph(lambda x: fused_linear(x, base, self.spec()))
-        outside = self._outside
+        outside = self._outside = _OutsideGraph(lambda x: fused_linear(x, base, self.spec()))
 
         def forward(x: torch.Tensor) -> torch.Tensor:  # one function object for all steps (compile guards)
             if torch.compiler.is_compiling():
