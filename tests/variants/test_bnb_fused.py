@@ -194,6 +194,7 @@ def test_one_matmul_per_layer_in_forward_and_in_backward_and_nothing_weight_size
     def count(keep: bool) -> tuple[int, int]:
         flat.config.keep_noisy_weight = keep
         saved.clear()
+        model.zero_grad(set_to_none=True)
         with flat.perturbed(T):
             for lora in _layers(model):  # the base forward is swapped, no hook adds a term beside it
                 assert "forward" in lora.base_layer.__dict__ and not lora._forward_hooks
@@ -206,9 +207,14 @@ def test_one_matmul_per_layer_in_forward_and_in_backward_and_nothing_weight_size
 
     assert count(keep=False) == (2, 2)  # two layers: one each way (the weight gradient is never formed)
     assert not {HID * IN, OUT * HID} & set(saved), saved
-    # keep_noisy_weight keeps forward's deq(W0) + E for backward instead: the saved sizes show it
+    redrawn = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    # keep_noisy_weight keeps forward's deq(W0) + E for backward instead: the saved sizes show it, and the
+    # gradients are those of the redrawn E, bit for bit
     assert count(keep=True) == (2, 2)
     assert {HID * IN, OUT * HID} <= set(saved)
+    kept = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert kept.keys() == redrawn.keys() and len(kept) == 4
+    assert all(torch.equal(kept[n], redrawn[n]) for n in kept)
 
 
 @pytest.mark.parametrize("bits,quant_type,nested", CASES, ids=IDS)
