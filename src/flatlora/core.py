@@ -200,9 +200,10 @@ class FlatLora:
         backward (after FSDP2 has all-gathered again) regenerates the same ``E`` from the spec's seed.
         """
         layer = self._exact_layers.get(target)  # one route per target, reused every step
+        if layer is None and target.quantized:  # bitsandbytes: deq(W) + E with one matmul, or the noise beside
+            layer = self._exact_layers[target] = QuantizedExactLayer(target.base, target.op, target.transposed)
         if layer is None:
-            route = QuantizedExactLayer if target.quantized else ExactLayer  # bitsandbytes: deq(W) + E, one matmul
-            layer = self._exact_layers[target] = route(target.base, target.op, target.transposed)
+            layer = self._exact_layers[target] = ExactLayer(target.base, target.op, target.transposed)
         # The spec is taken now, outside any torch.compile'd region (its Python cannot be traced); under FSDP2
         # the weights are shards until forward gathers them, so at the layer's first forward (a graph break).
         layer.begin(spec, now=not _fsdp.sharded(target))
