@@ -79,6 +79,3 @@ def test_smoke_run_on_cpu(tmp_path):
     assert b["noise_ms_per_micro_batch"] == pytest.approx(2 * b["w_plus_e_ms_per_pass"]) and b["elements"] > 0
     md = (tmp_path / "gpu-overhead-cpu-quick.md").read_text()
     assert result["meta"]["command"] in md and md.count("| 64 |") == 8
-    q = result["qlora"]  # issue 25: NF4 beside dense, quick sizes
-    assert (q["hidden"], q["tokens"], q["rounds"]) == (64, 64, 2) and set(q["bases"]) == {"dense", "nf4"}
-    assert "QLoRA:" in md and "bitsandbytes NF4" in md
