@@ -116,6 +116,7 @@ def _run(model: nn.Module, flat: FlatLora, x: torch.Tensor) -> tuple[torch.Tenso
     model.zero_grad(set_to_none=True)
     x = x.detach().clone().requires_grad_()
     with flat.perturbed(T):
+        assert all("forward" in lora.base_layer.__dict__ for lora in _layers(model))  # the fused route
         y = model(x)
         _probe(y).backward()
     grads = {"x": x.grad}
