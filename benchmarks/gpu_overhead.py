@@ -86,6 +86,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--quick", action="store_true", help="tiny Llama, 64-token micro-batches, 2 rounds (CPU smoke)")
+    add_qlora_args(p)  # issue 25: the QLoRA configuration (block below)
     args = p.parse_args(argv)
     configs = [parse_config(c) for c in args.configs]
     if args.quick:
@@ -196,6 +197,42 @@ def bytes_per_element(dtype: torch.dtype) -> dict[str, int]:
     return {"torch": 4 + 8 + cast + 3 * b, "triton": 2 * b}
 
 
+# --- QLoRA configuration (issue 25): an NF4 base beside a dense one, LoRA vs Flat-LoRA exact -----------------
+def add_qlora_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--qlora-hidden", type=int, default=4096, help="QLoRA config: width of its square layers "
+                                                                  "(0: skip the QLoRA config)")
+    p.add_argument("--qlora-layers", type=int, default=6, help="QLoRA config: LoRA layers in the stack")
+    p.add_argument("--qlora-tokens", type=int, default=8192, help="QLoRA config: tokens per step")
+
+
+def run_qlora(args, device: torch.device) -> dict | None:
+    """`_bench.qlora.time_bases` on the GPU, compute in ``--dtype`` (``--quick``: 64-wide, 64 tokens); None
+    when skipped (``--qlora-hidden 0``), a note when bitsandbytes is missing."""
+    import importlib.util
+
+    from _bench import qlora
+
+    if args.qlora_hidden <= 0:
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return {"skipped": "bitsandbytes is not installed (pip install bitsandbytes)"}
+    hidden, tokens, layers = (64, 64, 2) if args.quick else (args.qlora_hidden, args.qlora_tokens, args.qlora_layers)
+    return qlora.time_bases(hidden=hidden, layers=layers, tokens=tokens, rank=args.rank, rounds=args.rounds,
+                            warmup=args.warmup, seed=args.seed, device=device, dtype=getattr(torch, args.dtype),
+                            rho=args.rho)
+
+
+def render_qlora(res: dict | None) -> list[str]:
+    if not res:
+        return []
+    from _bench import qlora
+
+    if "skipped" in res:
+        return ["", f"QLoRA configuration skipped: {res['skipped']}"]
+    return ["", f"QLoRA: {qlora.describe(res)}.", "", *qlora.table(res)]
+# --- end of the QLoRA configuration block --------------------------------------------------------------------
+
+
 def _meta(args, argv: list[str] | None, device: torch.device) -> dict:
     """What ran: the interpreter, the command, the package versions and the device."""
     import peft
@@ -288,6 +325,7 @@ def render(result: dict) -> str:
                              f"({100 * ms / lora:.1f}%)")
     if result["configs"]:
         lines += ["", *[f"- {k}: {v}" for k, v in result["configs"][0]["notes"].items()]]
+    lines += render_qlora(result.get("qlora"))  # issue 25
     return "\n".join(lines) + "\n"
 
 
@@ -359,6 +397,11 @@ def main(argv: list[str] | None = None) -> int:
         if i == 0 and time.perf_counter() < deadline:
             result["breakdown"] = noise_breakdown(args, model, device)
             _write(result, out, stem, start)
+    if time.perf_counter() < deadline:  # issue 25's QLoRA configuration last: a cap cuts it before the rest
+        result["qlora"] = run_qlora(args, device)
+        _write(result, out, stem, start)
+    else:
+        result["skipped"].append("qlora")
     result["status"] = "complete" if not result["skipped"] else "deadline"
     _write(result, out, stem, start)
     print(render(result))

@@ -1,5 +1,6 @@
 """Flat-LoRA's cost against LoRA, LoRA-SAM and the peers (Bi-LoRA, EFlat-LoRA, ALoRA's gated super-network and
-its reallocation rounds): per-step time, peak memory, where the time goes, scaling.
+its reallocation rounds): per-step time, peak memory, where the time goes, scaling; and a QLoRA configuration (an
+NF4 base beside a dense one, ``_bench/qlora.py``).
 
     .venv/bin/python benchmarks/overhead.py              # full run (CPU: tens of minutes on 2 cores)
     .venv/bin/python benchmarks/overhead.py --quick      # seconds: tiny models, for smoke tests
@@ -34,7 +35,7 @@ import torch  # noqa: E402
 from flatlora import FlatLora, FlatLoraConfig  # noqa: E402
 from flatlora import _dataclass_io as dio  # noqa: E402
 
-from _bench import breakdown, memory, report, timing  # noqa: E402
+from _bench import breakdown, memory, qlora, report, timing  # noqa: E402
 from _bench.config import BenchConfig  # noqa: E402
 from _bench.models import PRESETS, ModelSpec, build_model, count_params, make_batch, sweep_spec  # noqa: E402
 from _bench.variants import build_steps, time_alora_round  # noqa: E402
@@ -176,6 +177,21 @@ def run_sweep(cfg: BenchConfig, *, quiet: bool) -> list[dict]:
     return rows
 
 
+def run_qlora(cfg: BenchConfig, *, quiet: bool) -> dict:
+    """The QLoRA configuration (`_bench.qlora`): both bases' Flat-LoRA / LoRA ratios from the same rounds."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return {"skipped": "bitsandbytes is not installed (pip install bitsandbytes)"}
+    bar, progress = _progress("qlora", cfg.warmup + cfg.qlora_rounds, quiet)
+    res = qlora.time_bases(hidden=cfg.qlora_hidden, layers=cfg.qlora_layers, tokens=cfg.qlora_tokens, rank=cfg.rank,
+                           rounds=cfg.qlora_rounds, warmup=cfg.warmup, seed=cfg.seed, device=torch.device(cfg.device),
+                           dtype=cfg.torch_dtype(), rho=cfg.rho, progress=progress)
+    bar.close()
+    gc.collect()
+    return res
+
+
 def rss_worker(variant: str, model_name: str, cfg: BenchConfig) -> dict:
     """Fresh-process RSS high-water mark of ``variant``'s steps (see `_bench.memory`)."""
     warm, measured = RSS_STEPS
@@ -259,6 +275,8 @@ def _run(cfg: BenchConfig, ns: argparse.Namespace, argv: list[str] | None) -> in
     result = {"meta": _meta(cfg, command), "config": dio.to_dict(cfg)}
     result["models"] = [run_model(cfg, name, quiet=ns.quiet) for name in cfg.models]
     result["sweep"] = run_sweep(cfg, quiet=ns.quiet) if cfg.sweep_hidden else []
+    if cfg.qlora:
+        result["qlora"] = run_qlora(cfg, quiet=ns.quiet)
     result["memory_method"] = (
         "torch.cuda.max_memory_allocated over one step (reset before it)." if cfg.device.startswith("cuda") else
         "peak tensor = bytes held before the step (parameters, buffers, optimizer state) + peak of the bytes "

@@ -138,3 +138,19 @@ def test_levers_quick_run_restores_the_library_draw(tmp_path):
     assert all(d["noise_ms"] > 0 and d["step_ms"] > d["noise_ms"] for d in draws.values())
     md = (tmp_path / "levers-cpu.md").read_text()
     assert "| parallel streams |" in md and "| W+E, parallel streams |" in md
+
+
+def test_quick_qlora_section_has_both_bases_from_the_same_rounds(quick_run):
+    _, result, md = quick_run
+    q = result["qlora"]
+    assert (q["layers"], q["hidden"], q["rounds"]) == (2, 64, result["config"]["qlora_rounds"])
+    assert set(q["bases"]) == {"dense", "nf4"}
+    for b in q["bases"].values():
+        for clock in ("lora", "flat"):
+            s = b[clock]
+            assert s["n"] == q["rounds"] and 0 < s["min_ms"] <= s["q1_ms"] <= s["median_ms"] <= s["q3_ms"] <= s["max_ms"]
+        assert b["ratio"] == pytest.approx(b["flat"]["median_ms"] / b["lora"]["median_ms"])
+        lo, hi = b["paired_ci95"]
+        assert lo <= b["paired_ratio"] <= hi
+    assert q["ratio_gap"] == pytest.approx(q["bases"]["nf4"]["ratio"] - q["bases"]["dense"]["ratio"])
+    assert "## QLoRA" in md and len([ln for ln in md.splitlines() if ln.startswith(("| float32", "| bitsandbytes"))]) == 2

@@ -45,12 +45,18 @@ class BenchConfig:
     sweep_layers: int = dio.help_field(2, "encoder layers of the sweep models")
     sweep_rounds: int = dio.help_field(8, "timed rounds per sweep size (LoRA vs Flat-LoRA exact)")
     sweep_vocab: int = dio.help_field(30522, "vocabulary of the sweep models")
+    qlora: bool = dio.help_field(True, "also time QLoRA: an NF4 base beside a dense one, LoRA vs Flat-LoRA "
+                                       "exact, interleaved (needs bitsandbytes; skipped with a note without it)")
+    qlora_hidden: int = dio.help_field(1024, "QLoRA configuration: width of its square layers")
+    qlora_layers: int = dio.help_field(6, "QLoRA configuration: LoRA layers in the stack")
+    qlora_tokens: int = dio.help_field(2048, "QLoRA configuration: tokens per step")
+    qlora_rounds: int = dio.help_field(8, "QLoRA configuration: timed interleaved rounds")
     out: str = dio.help_field("benchmarks/results", "folder for overhead-<device>.json and .md")
     quick: bool = dio.help_field(False, "smoke-test sizes: tiny models, 2 rounds, no RSS (seconds, for CI)")
 
     def __post_init__(self) -> None:
         for name in ("batch", "seq", "rank", "rounds", "wide_rounds", "breakdown_repeats", "sweep_layers",
-                     "sweep_rounds", "sweep_vocab"):
+                     "sweep_rounds", "sweep_vocab", "qlora_hidden", "qlora_layers", "qlora_tokens", "qlora_rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
         if self.warmup < 0:
@@ -80,7 +86,8 @@ class BenchConfig:
         """The ``--quick`` sizes (flags given beside --quick are applied on top of them)."""
         return dataclasses.replace(
             self, models=["tiny"], batch=4, seq=16, rounds=2, wide_rounds=2, warmup=1, rss=False,
-            breakdown_repeats=2, sweep_hidden=[32, 64], sweep_layers=1, sweep_rounds=2, sweep_vocab=1000)
+            breakdown_repeats=2, sweep_hidden=[32, 64], sweep_layers=1, sweep_rounds=2, sweep_vocab=1000,
+            qlora_hidden=64, qlora_layers=2, qlora_tokens=64, qlora_rounds=2)
 
     def rounds_for(self, model: str) -> int:
         return self.wide_rounds if model == "wide" else self.rounds

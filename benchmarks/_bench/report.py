@@ -98,6 +98,14 @@ def render(result: dict) -> str:
                 f"{cfg['sweep_layers']}-layer BERTs, same batch; LoRA vs Flat-LoRA exact, "
                 f"{cfg['sweep_rounds']} rounds each. Noise per layer-step against the same layer's forward "
                 "matmul plus input-gradient matmul at this token count.", "", *sweep_table(result), ""]
+    q = result.get("qlora")
+    if q:
+        from .qlora import describe, table
+
+        out += ["## QLoRA: an NF4 base beside a dense one", ""]
+        out += [f"Skipped: {q['skipped']}", ""] if "skipped" in q else [
+            f"{describe(q)}. Both bases' steps ran interleaved in the same rounds (Flat-LoRA exact / LoRA of each "
+            "base; an NF4 layer computes at deq(W0) + E with one matmul).", "", *table(q), ""]
     rounds = [m for m in result["models"] if m.get("alora_round")]
     if rounds:
         out += ["## ALoRA's reallocation rounds", "",

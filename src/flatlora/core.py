@@ -10,9 +10,10 @@ Two ways to run at ``W + E``; both draw the same ``E`` for the same ``(seed, t, 
 (`flatlora.noise.layer_noise_spec`):
 
 * ``exact``: nothing is written. Each base layer computes ``op(x, W_base + E, b)`` through
-  `flatlora.exact.PerturbedOp` (its ``forward`` is swapped for the context's lifetime only), or, for layers
-  whose output does not come from one base op (DoRA, bitsandbytes: `flatlora.ops.noise_beside`), a forward
-  hook adds ``op(x, E)`` to the LoRA layer's output. ``E`` is regenerated from its seed in backward (or, with
+  `flatlora.exact.PerturbedOp` (its ``forward`` is swapped for the context's lifetime only; a bitsandbytes layer
+  computes ``x · (deq(W_base) + E)ᵀ + b``, `flatlora._quantized_op`), or, for layers whose output does not come
+  from one base op (DoRA, some bitsandbytes layers: `flatlora.ops.noise_beside`), a forward hook adds
+  ``op(x, E)`` to the LoRA layer's output. ``E`` is regenerated from its seed in backward (or, with
   ``keep_noisy_weight``, forward's ``W + E`` is kept for it). Base weights stay bit-identical in every dtype.
 * ``inplace``: the paper's way: ``W_base += E`` on entry and ``W_base -= E`` (regenerated) on exit; fp32
   only, where the restore error is fp32 rounding (~1e-7 relative).
@@ -37,6 +38,7 @@ from torch import nn
 
 from . import _sharding
 from ._checks import check_int
+from ._quantized_op import QuantizedExactLayer
 from .config import FlatLoraConfig
 from .exact import ExactLayer
 from .noise import NoiseSpec, layer_noise_spec
@@ -205,6 +207,8 @@ class FlatLora:
         backward (after they have gathered it again) regenerates the same ``E`` from the spec's seed.
         """
         layer = self._exact_layers.get(target)  # one route per target, reused every step
+        if layer is None and target.quantized:  # bitsandbytes: deq(W) + E with one matmul, or the noise beside
+            layer = self._exact_layers[target] = QuantizedExactLayer(target.base, target.op, target.transposed)
         if layer is None:
             layer = self._exact_layers[target] = ExactLayer(target.base, target.op, target.transposed)
         # The spec is taken now, outside any torch.compile'd region (its Python cannot be traced); under FSDP2 or

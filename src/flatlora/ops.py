@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._quantized import fuses_noise
+
 if TYPE_CHECKING:  # annotations only: targets.py imports this module
     from .targets import Target
 
@@ -134,14 +136,18 @@ def noise_beside(target: Target) -> bool:
     """Whether the exact mode adds ``op(x, E)`` to the (LoRA) layer's output with a forward hook, rather than
     swapping its base layer's forward for ``op(x, W + E, b)``.
 
-    Swapping needs the base layer's output to be exactly one ``op(x, W_base, b)``. It is not for a quantized
-    base (bitsandbytes runs its own kernel on packed weights), a DoRA adapter (which rescales the base output by
-    its magnitude over the merged weight's norm), a forward another library already replaced on the instance,
-    or a subclass computing more than ``op`` (a scaled embedding). Since ``op`` is linear in the weight, adding
-    ``op(x, E)`` beside the layer gives ``op(x, W + E, b)`` on every one of these paths. It is the fallback, not
-    the rule, because it costs a second op per layer (``op(x, E)`` beside ``op(x, W, b)``), where the swap costs
-    none.
+    Swapping needs the base layer's output to be exactly one ``op(x, W_base, b)``. It is not for a DoRA adapter
+    (which rescales the base output by its magnitude over the merged weight's norm), a forward another library
+    already replaced on the instance, a subclass computing more than ``op`` (a scaled embedding), or a quantized
+    base that bitsandbytes does not compute as a dense matmul with its dequantized weight (`fuses_noise`; those
+    that it does are swapped for ``op(x, deq(W) + E, b)``, `flatlora._quantized_op`). Since ``op`` is linear in
+    the weight, adding ``op(x, E)`` beside the layer gives ``op(x, W + E, b)`` on every one of these paths. It is
+    the fallback, not the rule, because it costs a second op per layer (``op(x, E)`` beside ``op(x, W, b)``),
+    where the swap costs none.
     """
     base = target.base
-    return (target.quantized or target.dora_adapter() is not None or "forward" in base.__dict__
-            or not plain_forward(base))
+    if target.dora_adapter() is not None or "forward" in base.__dict__:
+        return True
+    if target.quantized:
+        return target.transposed or not fuses_noise(base)
+    return not plain_forward(base)
