@@ -148,9 +148,9 @@ def test_configurations_past_the_deadline_are_skipped_and_listed(tmp_path):
     assert bench.main(["--device", "cpu", "--quick", "--dtype", "float32", "--configs", "64x1", "64x2+ckpt",
                        "--variants", "flat-exact", "--deadline-s", "0.001", "--out", str(tmp_path)]) == 0
     result = _json(tmp_path / "gpu-overhead-cpu-quick.json")
-    assert result["status"] == "deadline" and result["skipped"] == ["64x2+ckpt"]
-    assert [c["accum"] for c in result["configs"]] == [1] and "breakdown" not in result
-    assert "Not run (deadline): 64x2+ckpt" in (tmp_path / "gpu-overhead-cpu-quick.md").read_text()
+    assert result["status"] == "deadline" and result["skipped"] == ["64x2+ckpt", "qlora"]
+    assert [c["accum"] for c in result["configs"]] == [1] and "breakdown" not in result and "qlora" not in result
+    assert "Not run (deadline): 64x2+ckpt, qlora" in (tmp_path / "gpu-overhead-cpu-quick.md").read_text()
 
 
 def test_a_required_kernel_that_does_not_draw_is_refused_before_timing(tmp_path, monkeypatch, capsys):
