@@ -9,6 +9,10 @@ travels as its tensors (the 63-bit seed as an int64 scalar, the ``(m,)`` fp32 ro
 for the same graph, not a new graph. They cover the frozen-base fast path (`flatlora.ops.Op.fits_custom_op`);
 `flatlora.exact.perturbed_op_compiled` calls them and sends the rest to the eager `flatlora.exact.PerturbedOp`.
 Like the eager op, they keep nothing between forward and backward but the weight reference and the spec.
+
+`perturbed` also records, in `ran_layers`, the id of the layer it computed (``layer``, an int constant of the
+graph): a compiled forward runs the Python of the swapped forward only while tracing, but this op's Python on
+every call, so this is where `flatlora.core.FlatLora` learns, step by step, which layers really ran perturbed.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import torch
 
 from .noise import add_filter_noise, filter_noise
 from .ops import apply_op, op_bias_grad, op_input_grad
+
+ran_layers: set[int] = set()  # ids (`flatlora.exact.ExactLayer.uid`) of the layers computed perturbed this step
 
 
 def _noisy_weight(weight: torch.Tensor | None, scale: torch.Tensor, seed: torch.Tensor, shape: list[int],
@@ -47,18 +53,21 @@ def _functional(kind: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | N
 @torch.library.custom_op("flatlora::perturbed", mutates_args=())
 def perturbed(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], scale: torch.Tensor,
               seed: torch.Tensor, shape: list[int], kind: str, params: list[int],
-              amp_dtype: Optional[torch.dtype]) -> torch.Tensor:
+              amp_dtype: Optional[torch.dtype], layer: int = -1) -> torch.Tensor:
     """``op(x, (weight or 0) + E, bias)``: `PerturbedOp`'s forward with ``E`` drawn from (``seed``, ``scale``).
 
     ``seed``: int64 scalar tensor (the 63-bit layer seed); ``scale``: ``(m,)`` fp32 row std; ``shape``: the
-    logical weight shape; ``kind``/``params``: `Op.kind`/`Op.params`; ``amp_dtype``: autocast dtype or None.
+    logical weight shape; ``kind``/``params``: `Op.kind`/`Op.params`; ``amp_dtype``: autocast dtype or None;
+    ``layer``: the calling layer's id, added to `ran_layers` (``-1``: none).
     """
+    if layer >= 0:
+        ran_layers.add(layer)
     out = _functional(kind, x, _noisy_weight(weight, scale, seed, shape, x), bias, params, amp_dtype)
     return out.clone() if out._base is not None else out  # an op's output may not be a view (conv1d's is)
 
 
 @perturbed.register_fake
-def _perturbed_fake(x, weight, bias, scale, seed, shape, kind, params, amp_dtype):
+def _perturbed_fake(x, weight, bias, scale, seed, shape, kind, params, amp_dtype, layer=-1):
     # the functional op itself on fake tensors gives the output's shape and dtype
     dtype = x.dtype if x.dtype.is_floating_point else torch.float32
     w = x.new_empty(shape, dtype=dtype) if weight is None else weight.new_empty(weight.shape)
@@ -81,7 +90,7 @@ def _perturbed_input_grad_fake(g, weight, scale, seed, shape, x_shape, x_dtype, 
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-    x, weight, bias, scale, seed, shape, kind, params, _ = inputs
+    x, weight, bias, scale, seed, shape, kind, params = inputs[:8]
     # as `PerturbedOp`'s fast path: no activation, only the weight reference and the spec's two tensors
     ctx.save_for_backward(weight, scale, seed)
     ctx.args = (list(shape), list(x.shape), x.dtype, kind, list(params), None if bias is None else bias.dtype)
@@ -96,7 +105,7 @@ def _backward(ctx: Any, g: torch.Tensor) -> tuple:
                            "call perturbed_op_compiled, which routes it through PerturbedOp")
     gx = perturbed_input_grad(g, weight, scale, seed, shape, x_shape, x_dtype, kind, params) if need_x else None
     gb = op_bias_grad(kind, g).to(bias_dtype) if need_b else None
-    return gx, None, gb, None, None, None, None, None, None
+    return gx, None, gb, None, None, None, None, None, None, None
 
 
 perturbed.register_autograd(_backward, setup_context=_setup_context)
