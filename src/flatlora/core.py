@@ -43,7 +43,7 @@ from .exact import ExactLayer
 from .noise import NoiseSpec, layer_noise_spec
 from .ops import noise_beside
 from .schedule import sigma_at
-from .targets import Target, adapter_switch, check_coverage, check_ran, find_targets
+from .targets import Target, adapter_switch, check_coverage, check_ran, find_targets, runs_reference, trained_adapters
 
 
 @dataclass
@@ -250,13 +250,13 @@ class FlatLora:
         return unswap
 
     def _apply_inplace(self, target: Target, spec: NoiseSpec, t: int) -> Callable[[], None]:
-        """``W_base += E``; a forward with the adapters disabled is refused while the noise is in the weight."""
+        """``W_base += E``; a reference-model forward (`runs_reference`) is refused while the noise is in the weight."""
         weight = target.base.weight
         with torch.no_grad():  # W += E block by block, never a full E (flatlora.noise.add_filter_noise)
             spec.add_to(target.logical(weight), inplace=True)
         switch = adapter_switch(self.model, target)
         handle = None if switch is None else target.module.register_forward_pre_hook(
-            functools.partial(_refuse_disabled, switch, target.name, t))
+            functools.partial(_refuse_reference, switch, trained_adapters(switch), target.name, t))
 
         def subtract() -> None:
             if handle is not None:
@@ -298,14 +298,17 @@ class FlatLora:
                 f"total_steps={self.total_steps}, layers={len(self._targets)})")
 
 
-def _refuse_disabled(switch: nn.Module, name: str, t: int, module: nn.Module, args: tuple) -> None:
-    """Forward pre-hook of the in-place mode: with the adapters disabled the layer would compute at ``W0 + E``."""
-    if switch.disable_adapters:
+def _refuse_reference(switch: nn.Module, trained: tuple[str, ...], name: str, t: int, module: nn.Module,
+                      args: tuple) -> None:
+    """Forward pre-hook of the in-place mode: a reference model would compute at ``W0 + E`` (`runs_reference`)."""
+    if runs_reference(switch, trained):
+        how = ("its adapters disabled (model.disable_adapter())" if switch.disable_adapters else
+               f"adapters {list(switch.active_adapters)} active instead of {list(trained)} (set_adapter())")
         raise ValueError(
-            f"layer {name!r} ran a forward with its adapters disabled (model.disable_adapter(): the reference model "
-            f"of TRL's DPO, KTO, ORPO and GRPO's KL term) inside perturbed({t}) with mode='inplace', where its base "
-            "weight holds the noise, so that reference would be noisy. Use mode='exact' (or 'auto'), whose "
-            "disabled-adapter forwards compute with the clean weight")
+            f"layer {name!r} ran a forward with {how} inside perturbed({t}) with mode='inplace': a reference model "
+            "(as TRL's DPO, KTO, ORPO and GRPO's KL term compute inside the training step), but its base weight holds "
+            "the noise, so that reference would be noisy. Use mode='exact' (or 'auto'), whose reference forwards "
+            "compute with the clean weight")
 
 
 def _undo_all(undo: list[Callable[[], None]]) -> None:

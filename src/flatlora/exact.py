@@ -32,6 +32,7 @@ from torch import nn
 from . import _compiled
 from .noise import NoiseSpec
 from .ops import Op
+from .targets import runs_reference, trained_adapters
 
 
 class PerturbedOp(torch.autograd.Function):
@@ -188,9 +189,10 @@ class ExactLayer:
     recompile per step. What changes per step is the spec given to `begin`: a callable for eager code, and for
     compiled code its seed and row std as tensors (graph inputs) and its shape (the same every step).
 
-    ``switch``: the LoRA layer whose ``disable_adapters`` flag is read at every forward (the layer itself, or for
-    a plain target one LoRA layer of the model). While it is set (``model.disable_adapter()``, TRL's reference
-    model) the route computes the clean layer: no noise, nothing recorded, no spec taken.
+    ``switch``: the LoRA layer whose adapter state is read at every forward (`flatlora.targets.adapter_switch`).
+    While its adapters are disabled, or others are active than when the step began (a reference model:
+    `flatlora.targets.runs_reference`), the route computes the clean layer: no noise, nothing recorded, no spec
+    taken.
 
     `ran` says whether the layer computed with noise since `begin`: the eager route records it itself, a
     compiled one through the custom op, which runs at every call where the traced Python does not
@@ -200,6 +202,8 @@ class ExactLayer:
     def __init__(self, base: nn.Module, op: Op, transposed: bool, switch: nn.Module | None = None) -> None:
         self.op = op
         self.uid = next(_uids)  # unique in the process; a constant of the compiled graph
+        self.switch = switch
+        self.trained: tuple[str, ...] = ()  # the switch's active adapters when the step began
         self.ready = False  # the step's spec is taken (and seed/scale/shape set)
         self.seed: torch.Tensor | None = None  # int64 scalar: the 63-bit layer seed
         self.scale: torch.Tensor | None = None  # (m,) fp32 row std
@@ -210,11 +214,11 @@ class ExactLayer:
             w = base.weight
             return (w.t() if transposed else w), getattr(base, "bias", None)
 
-        def disabled() -> bool:  # read at forward time: the flag may flip inside a step
-            return switch is not None and switch.disable_adapters
+        def reference() -> bool:  # read at every forward: the adapters may be switched inside a step
+            return runs_reference(switch, self.trained)
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            if disabled():  # the clean layer: its class's own forward (the swap needs a plain one, ops.noise_beside)
+            if reference():  # the clean layer: its class's own forward (the swap needs a plain one, ops.noise_beside)
                 return type(base).forward(base, x)
             w, b = weights()
             if torch.compiler.is_compiling():
@@ -225,11 +229,11 @@ class ExactLayer:
             return perturbed_op(x, w, b, self.spec(), op)
 
         def take_spec(module: nn.Module, args: tuple) -> None:  # a pre-hook: the layer's weights are whole here
-            if not self.ready and not disabled():  # disabled: the merged weight would miss the adapters
+            if not self.ready and not reference():  # the merged weight is the trained adapters' only
                 _take_spec(self)
 
         def add_noise(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            if disabled():
+            if reference():
                 return output
             if torch.compiler.is_compiling():
                 noise = perturbed_op_compiled(args[0], None, None, self.seed, self.scale, self.shape, op, self.uid)
@@ -244,6 +248,7 @@ class ExactLayer:
         """Route the next forwards through the spec that ``spec_fn()`` gives (computed once per step by the
         caller); ``now``: take it at once rather than at the layer's first forward."""
         self._spec_fn, self.ready = spec_fn, False
+        self.trained = trained_adapters(self.switch)
         _compiled.ran_layers.discard(self.uid)
         _take_spec.prepare()  # eager code: ready the graph breaks before any compiled forward traces them
         _perturbed_op_eager.prepare()

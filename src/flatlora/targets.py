@@ -124,8 +124,8 @@ class Target:
         """Whether the layer is perturbed in the coming step: a plain (opted-in) layer always; a LoRA layer when
         one of the model's active adapters lives on it (merged or not). A layer holding only inactive adapters
         computes like a layer LoRA does not target, so it stays clean: training one adapter sees the same noise
-        whatever others exist. Disabled adapters (``disable_adapter()``) can be switched on and off within a
-        step, so the exact mode decides at each forward (`adapter_switch`), not here."""
+        whatever others exist. Adapters disabled or switched within a step (a reference model) are decided at
+        each forward (`runs_reference`), not here."""
         return not self.is_lora or _holds_active_adapter(self.module)
 
     def dora_adapter(self) -> str | None:
@@ -194,13 +194,26 @@ def lora_layers_with_active_adapters(model: nn.Module) -> list[str]:
 
 
 def adapter_switch(model: nn.Module, target: Target) -> nn.Module | None:
-    """The LoRA layer whose ``disable_adapters`` flag says that ``target`` computes as in the base model
-    (``PeftModel.disable_adapter()`` sets it on every LoRA layer together): the target itself, or for a plain
-    (opted-in) target the model's first LoRA layer; ``None`` when the model has none."""
+    """The LoRA layer whose adapter state says which model ``target`` computes in now (`runs_reference`): the
+    target itself, or for a plain (opted-in) target the model's first LoRA layer (``disable_adapter()`` and
+    ``set_adapter()`` set every LoRA layer together); ``None`` when the model has none."""
     if target.is_lora:
         return target.module
     lora_types = _lora_layer_types()
     return next((m for m in model.modules() if isinstance(m, lora_types)), None)
+
+
+def trained_adapters(switch: nn.Module | None) -> tuple[str, ...]:
+    """The adapters active on ``switch`` now: taken when a step begins, for `runs_reference`."""
+    return () if switch is None else tuple(switch.active_adapters)
+
+
+def runs_reference(switch: nn.Module | None, trained: tuple[str, ...]) -> bool:
+    """Whether a forward now computes another model than the one being trained, which must not see the noise:
+    ``switch`` (`adapter_switch`) has its adapters disabled (``model.disable_adapter()``: the base model, the
+    reference of TRL's DPO/KTO/ORPO given a ``peft_config``) or other adapters active than ``trained`` (TRL's
+    frozen ``"ref"`` adapter, given a ``PeftModel``). Plain attribute reads, cheap at every forward."""
+    return switch is not None and (switch.disable_adapters or tuple(switch.active_adapters) != trained)
 
 
 def find_targets(model: nn.Module, target_modules: Iterable[str] | None = None,
