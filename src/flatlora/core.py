@@ -306,7 +306,7 @@ def _refuse_reference(switch: nn.Module, trained: tuple[str, ...], name: str, t:
                f"adapters {list(switch.active_adapters)} active instead of {list(trained)} (set_adapter())")
         raise ValueError(
             f"layer {name!r} ran a forward with {how} inside perturbed({t}) with mode='inplace': a reference model "
-            "(as TRL's DPO, KTO, ORPO and GRPO's KL term compute inside the training step), but its base weight holds "
+            "(as TRL's DPO, KTO and GRPO's KL term compute inside the training step), but its base weight holds "
             "the noise, so that reference would be noisy. Use mode='exact' (or 'auto'), whose reference forwards "
             "compute with the clean weight")
 

@@ -172,6 +172,8 @@ def perturbed_op_compiled(x: torch.Tensor, weight: torch.Tensor | None, bias: to
 
 # --- one layer's route, installed by FlatLora._apply_exact -----------------------------------------------------
 _uids = itertools.count()  # ExactLayer.uid
+
+
 def _take_spec_fn(layer: "ExactLayer") -> None:
     """Take the step's spec (Python: blake2b seed, merged-weight norms) outside any compiled graph."""
     layer.spec()
