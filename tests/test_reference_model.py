@@ -103,15 +103,50 @@ def test_disabled_adapters_under_compile(tmp_path):
         torch._dynamo.reset()
 
 
-def test_inplace_mode_refuses_a_disabled_adapter_forward():
-    model = toy_model()
+def _switched_reference(model: nn.Module, batch: dict) -> torch.Tensor:
+    """The reference as TRL computes it for a PeftModel: a frozen copy of the adapter, "ref", made active."""
+    model.set_adapter("ref")
+    try:
+        with torch.no_grad():
+            return logits(model, batch)
+    finally:
+        model.set_adapter("default")
+
+
+def _with_ref_adapter(model: nn.Module) -> nn.Module:
+    model.add_adapter("ref", model.peft_config["default"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".default." in name:
+                model.get_parameter(name.replace(".default.", ".ref.")).copy_(p)
+    return model
+
+
+def test_a_switched_adapter_computes_the_clean_reference_inside_a_step():
+    model = _with_ref_adapter(toy_model()).eval()
+    batch = batch_for("mlp")
+    clean = _switched_reference(model, batch)
+    torch.testing.assert_close(clean, logits(model, batch), rtol=0, atol=1e-6)  # the copy computes the same
+    flat = FlatLora(model, FlatLoraConfig(rho=0.5), total_steps=T)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with flat.perturbed(T):
+            policy = logits(model, batch)
+            ref = _switched_reference(model, batch)
+    assert torch.equal(ref, clean) and not torch.allclose(policy, clean, atol=1e-4)
+
+
+@pytest.mark.parametrize("how", ["disabled", "switched"])
+def test_inplace_mode_refuses_a_reference_forward(how):
+    model = _with_ref_adapter(toy_model())
     before = base_state(model)
     flat = FlatLora(model, FlatLoraConfig(rho=0.5, mode="inplace"), total_steps=T)
-    with pytest.raises(ValueError, match=r"layer 'base_model.model.fc1' ran a forward with its adapters disabled.*"
+    what = "its adapters disabled" if how == "disabled" else r"adapters \['ref'\] active instead of \['default'\]"
+    with pytest.raises(ValueError, match=r"layer 'base_model.model.fc1' ran a forward with " + what + r".*"
                                          r"perturbed\(4\) with mode='inplace'.*Use mode='exact'"):
         with flat.perturbed(T):
             logits(model, batch_for("mlp"))  # the policy: fine
-            reference(model, batch_for("mlp"))
+            (reference if how == "disabled" else _switched_reference)(model, batch_for("mlp"))
     assert not flat.is_perturbed and not any(m._forward_pre_hooks for m in model.modules())
     assert all(torch.allclose(before[k], v, rtol=0, atol=1e-6) for k, v in base_state(model).items())
 
