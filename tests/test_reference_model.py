@@ -83,7 +83,7 @@ def test_only_a_disabled_adapter_forward_is_not_a_perturbed_step():
             reference(model, batch_for("mlp"))
 
 
-def test_disabled_adapters_under_compile(tmp_path):
+def test_disabled_adapters_under_compile():
     torch._dynamo.reset()
     model = toy_model().eval()
     batch = batch_for("mlp")
