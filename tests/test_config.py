@@ -14,7 +14,8 @@ def test_defaults_are_the_paper_text_setting():
 @pytest.mark.parametrize("suffix", [".json", ".yaml"])
 def test_round_trip_files(tmp_path, suffix):
     cfg = FlatLoraConfig(rho=0.15, schedule="linear", seed=7, mode="inplace", target_modules=["query"],
-                         exclude_modules=["layer\\.0\\."], same_noise_across_ranks=True)
+                         exclude_modules=["layer\\.0\\."], same_noise_across_ranks=True,
+                         allow_unperturbed=[r"experts\.\d+\."])
     path = cfg.save(tmp_path / f"cfg{suffix}")
     assert FlatLoraConfig.load(path) == cfg
 
@@ -39,6 +40,8 @@ def test_round_trip_json_and_dict():
     (dict(target_modules=7), "target_modules=7 must be a list"),
     (dict(target_modules=["("]), "not a valid regular expression"),
     (dict(target_modules=[]), "selects nothing"),
+    (dict(allow_unperturbed=3), "allow_unperturbed=3 must be a list"),
+    (dict(allow_unperturbed=["experts.("]), "allow_unperturbed pattern 'experts.\\(' is not a valid regular"),
 ])
 def test_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -89,3 +92,9 @@ def test_exclude_modules_none_means_none_excluded():
     cfg = FlatLoraConfig(exclude_modules=None)
     assert cfg.exclude_modules == []
     assert FlatLoraConfig.from_json(cfg.to_json()) == FlatLoraConfig()
+
+
+def test_allow_unperturbed_takes_one_string_or_none():
+    assert FlatLoraConfig(allow_unperturbed="lm_head").allow_unperturbed == ["lm_head"]
+    assert FlatLoraConfig(allow_unperturbed=None).allow_unperturbed == []
+    assert FlatLoraConfig().allow_unperturbed == []

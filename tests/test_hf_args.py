@@ -12,9 +12,11 @@ from flatlora import FlatLoraArguments, FlatLoraConfig
 
 CLI = ["--output_dir", "out", "--seed", "3", "--flat_lora_seed", "7", "--flat_lora_rho", "0.15",
        "--flat_lora_schedule", "linear", "--flat_lora_target_modules", "q_proj", "v_proj",
-       "--flat_lora_exclude_modules", r"layers\.0\.", "--flat_lora_same_noise_across_ranks"]
+       "--flat_lora_exclude_modules", r"layers\.0\.", "--flat_lora_same_noise_across_ranks",
+       "--flat_lora_allow_unperturbed", r"experts\.7\.", "lm_head"]
 EXPECTED = FlatLoraConfig(rho=0.15, schedule="linear", seed=7, target_modules=["q_proj", "v_proj"],
-                          exclude_modules=[r"layers\.0\."], same_noise_across_ranks=True)
+                          exclude_modules=[r"layers\.0\."], same_noise_across_ranks=True,
+                          allow_unperturbed=[r"experts\.7\.", "lm_head"])
 
 YAML = """\
 output_dir: out
@@ -27,6 +29,7 @@ flat_lora_target_modules: [q_proj, v_proj]
 flat_lora_exclude_modules:
   - 'layers\\.0\\.'
 flat_lora_same_noise_across_ranks: true
+flat_lora_allow_unperturbed: ['experts\\.7\\.', lm_head]
 """
 
 

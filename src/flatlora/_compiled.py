@@ -15,6 +15,10 @@ a Python int and launches the draw with it, so a CUDA graph captured around them
 step's seed, the same ``E`` every step. Inductor therefore keeps them out of CUDA graphs: under
 ``mode="reduce-overhead"`` with graph partitioning (the default in torch 2.13) it captures the pieces between
 them and runs the ops eagerly; without partitioning it does not capture that graph (docs/cost.md).
+
+`perturbed` also records, in `ran_layers`, the id of the layer it computed (``layer``, an int constant of the
+graph): a compiled forward runs the Python of the swapped forward only while tracing, but this op's Python on
+every call, so this is where `flatlora.core.FlatLora` learns, step by step, which layers really ran perturbed.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from .ops import apply_op, op_bias_grad, op_input_grad
 
 # keep the ops out of CUDA graphs (see the module docstring); a torch without the tag gets no tags
 _TAGS = {"tags": (torch.Tag.cudagraph_unsafe,)} if hasattr(torch.Tag, "cudagraph_unsafe") else {}
+ran_layers: set[int] = set()  # ids (`flatlora.exact.ExactLayer.uid`) of the layers computed perturbed this step
 
 
 def _noisy_weight(weight: torch.Tensor | None, scale: torch.Tensor, seed: torch.Tensor, shape: list[int],
@@ -56,18 +61,21 @@ def _functional(kind: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | N
 @torch.library.custom_op("flatlora::perturbed", mutates_args=(), **_TAGS)
 def perturbed(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], scale: torch.Tensor,
               seed: torch.Tensor, shape: list[int], kind: str, params: list[int],
-              amp_dtype: Optional[torch.dtype]) -> torch.Tensor:
+              amp_dtype: Optional[torch.dtype], layer: int = -1) -> torch.Tensor:
     """``op(x, (weight or 0) + E, bias)``: `PerturbedOp`'s forward with ``E`` drawn from (``seed``, ``scale``).
 
     ``seed``: int64 scalar tensor (the 63-bit layer seed); ``scale``: ``(m,)`` fp32 row std; ``shape``: the
-    logical weight shape; ``kind``/``params``: `Op.kind`/`Op.params`; ``amp_dtype``: autocast dtype or None.
+    logical weight shape; ``kind``/``params``: `Op.kind`/`Op.params`; ``amp_dtype``: autocast dtype or None;
+    ``layer``: the calling layer's id, added to `ran_layers` (``-1``: none).
     """
+    if layer >= 0:
+        ran_layers.add(layer)
     out = _functional(kind, x, _noisy_weight(weight, scale, seed, shape, x), bias, params, amp_dtype)
     return out.clone() if out._base is not None else out  # an op's output may not be a view (conv1d's is)
 
 
 @perturbed.register_fake
-def _perturbed_fake(x, weight, bias, scale, seed, shape, kind, params, amp_dtype):
+def _perturbed_fake(x, weight, bias, scale, seed, shape, kind, params, amp_dtype, layer=-1):
     # the functional op itself on fake tensors gives the output's shape and dtype
     dtype = x.dtype if x.dtype.is_floating_point else torch.float32
     w = x.new_empty(shape, dtype=dtype) if weight is None else weight.new_empty(weight.shape)
@@ -90,7 +98,7 @@ def _perturbed_input_grad_fake(g, weight, scale, seed, shape, x_shape, x_dtype, 
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-    x, weight, bias, scale, seed, shape, kind, params, _ = inputs
+    x, weight, bias, scale, seed, shape, kind, params = inputs[:8]
     # as `PerturbedOp`'s fast path: no activation, only the weight reference and the spec's two tensors
     ctx.save_for_backward(weight, scale, seed)
     ctx.args = (list(shape), list(x.shape), x.dtype, kind, list(params), None if bias is None else bias.dtype)
@@ -105,7 +113,7 @@ def _backward(ctx: Any, g: torch.Tensor) -> tuple:
                            "call perturbed_op_compiled, which routes it through PerturbedOp")
     gx = perturbed_input_grad(g, weight, scale, seed, shape, x_shape, x_dtype, kind, params) if need_x else None
     gb = op_bias_grad(kind, g).to(bias_dtype) if need_b else None
-    return gx, None, gb, None, None, None, None, None, None
+    return gx, None, gb, None, None, None, None, None, None, None
 
 
 perturbed.register_autograd(_backward, setup_context=_setup_context)

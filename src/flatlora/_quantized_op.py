@@ -28,10 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _compiled
 from ._quantized import dequantize_as
 from .exact import ExactLayer, _OutsideGraph
 from .noise import NoiseSpec
 from .ops import Op
+from .targets import runs_reference
 
 
 def noisy_weight(base: nn.Module, spec: NoiseSpec, dtype: torch.dtype) -> torch.Tensor:
@@ -96,14 +98,21 @@ class QuantizedExactLayer(ExactLayer):
     `flatlora.ops.noise_beside` allows it) is `fused_linear`; the noise-beside hooks are `ExactLayer`'s, for steps
     where the layer cannot fuse (a CPU-packed 4-bit weight, 8-bit on CUDA, DoRA)."""
 
-    def __init__(self, base: nn.Module, op: Op, transposed: bool) -> None:
-        super().__init__(base, op, transposed)
-        outside = self._outside = _OutsideGraph(lambda x: fused_linear(x, base, self.spec()))
+    def __init__(self, base: nn.Module, op: Op, transposed: bool, switch: nn.Module | None = None) -> None:
+        super().__init__(base, op, transposed, switch)
+
+        def noisy(x: torch.Tensor) -> torch.Tensor:  # runs eagerly, also under compile: it records the run itself
+            if runs_reference(switch, self.trained):  # a reference forward: bitsandbytes' own, clean layer
+                return type(base).forward(base, x)
+            _compiled.ran_layers.add(self.uid)
+            return fused_linear(x, base, self.spec())
+
+        outside = self._outside = _OutsideGraph(noisy)
 
         def forward(x: torch.Tensor) -> torch.Tensor:  # one function object for all steps (compile guards)
             if torch.compiler.is_compiling():
                 return outside(x)  # a graph break: bitsandbytes and the CPU generator run eagerly
-            return fused_linear(x, base, self.spec())
+            return noisy(x)
 
         self.forward = forward
 

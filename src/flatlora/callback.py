@@ -5,7 +5,9 @@ One optimizer step of the Trainer, with gradient accumulation:
     on_step_begin -> micro-batch forward/backward x k -> on_pre_optimizer_step -> optimizer.step -> ...
 
 The noise is applied at ``on_step_begin`` (so all k micro-batches see the same ``E``) and removed at
-``on_pre_optimizer_step`` (so the optimizer, evaluation and checkpoints see clean weights). The step index
+``on_pre_optimizer_step`` (so the optimizer, evaluation and checkpoints see clean weights), where the exact
+mode also checks that the perturbed layers computed with their noise (`FlatLora.restore`: a ``RuntimeError``
+when none did, as under a fused LoRA kernel; docs/guard.md). The step index
 is ``t = state.global_step + 1`` (1..T, ``sigma_T = rho`` at the last step) and ``T = state.max_steps``: both
 come from the Trainer's state, so a run resumed from a checkpoint continues the same schedule with the same
 noise. The callback is an ``ExportableState``: its saved args are the config as JSON, so a Trainer with
@@ -95,12 +97,16 @@ class FlatLoraCallback(TrainerCallback, ExportableState):
         return {"args": {"config": self.config.to_json(), "adalora_update": self.adalora_update}, "attributes": {}}
 
     def restore(self) -> None:
-        """Remove the noise now (e.g. after ``trainer.train()`` raised mid-step)."""
+        """Remove the noise now (e.g. after ``trainer.train()`` raised mid-step), without the end-of-step check
+        of `FlatLora.restore` (the step did not complete)."""
+        self._end_step(check=False)
+
+    def _end_step(self, check: bool) -> None:
         for handle in self._guards:
             handle.remove()
         self._guards.clear()
         if self.flat is not None:
-            self.flat.restore()
+            self.flat.restore(check=check)
 
     def attach(self, trainer: Any) -> "FlatLoraCallback":
         """Add this callback to ``trainer`` ahead of every other callback, and return it.
@@ -146,7 +152,9 @@ class FlatLoraCallback(TrainerCallback, ExportableState):
         self._guards = [m.register_forward_pre_hook(self._eval_guard, prepend=True) for m in self._guarded]
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.restore()
+        # the step's micro-batches are done: check that the perturbed layers ran with their noise (RuntimeError
+        # when none did: a fused LoRA kernel, docs/guard.md)
+        self._end_step(check=True)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self._adalora is not None:  # after optimizer.step(), before zero_grad(); global_step is 0-based here

@@ -34,6 +34,11 @@ class FlatLoraConfig(dio.DataclassIO):
         "regexes (re.search on module names) choosing the perturbed layers; default: every LoRA layer. "
         "A pattern may also select plain Linear/Conv/Embedding modules to widen the perturbation")
     exclude_modules: list[str] = dio.help_field([], "regexes of module names never perturbed (None: none)")
+    allow_unperturbed: list[str] = dio.help_field(
+        [],
+        "exact mode: regexes of perturbed layers that may go through a step without computing with their noise "
+        "(mixture-of-experts experts, unused branches): no warning names them. A step where no layer did "
+        "still raises (None: none)")
     same_noise_across_ranks: bool = dio.help_field(
         False, "draw the same noise on every data-parallel rank (default: an independent sample per rank)")
     keep_noisy_weight: bool = dio.help_field(
@@ -52,13 +57,13 @@ class FlatLoraConfig(dio.DataclassIO):
         check_one_of("mode", self.mode, MODES)
         if not is_int(self.seed) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed={self.seed!r} must be an integer in [0, 2**63): it is mixed into a 63-bit noise seed")
-        if self.exclude_modules is None:  # "nothing excluded", as the default []
-            self.exclude_modules = []
-        if isinstance(self.target_modules, str):
-            self.target_modules = [self.target_modules]
-        if isinstance(self.exclude_modules, str):
-            self.exclude_modules = [self.exclude_modules]
-        for name in ("target_modules", "exclude_modules"):
+        for name in ("exclude_modules", "allow_unperturbed"):
+            if getattr(self, name) is None:  # "none", as the default []
+                setattr(self, name, [])
+        for name in ("target_modules", "exclude_modules", "allow_unperturbed"):
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, [getattr(self, name)])
+        for name in ("target_modules", "exclude_modules", "allow_unperturbed"):
             pats = getattr(self, name)
             if pats is None:
                 continue

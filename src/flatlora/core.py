@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -44,7 +45,7 @@ from .exact import ExactLayer
 from .noise import NoiseSpec, layer_noise_spec
 from .ops import noise_beside
 from .schedule import sigma_at
-from .targets import Target, check_coverage, find_targets
+from .targets import Target, adapter_switch, check_coverage, check_ran, find_targets, runs_reference, trained_adapters
 
 
 @dataclass
@@ -56,6 +57,7 @@ class _Applied:
     undo: list[Callable[[], None]] = field(default_factory=list)
     sigma: float = 0.0
     cache: dict[int, NoiseSpec] = field(default_factory=dict)
+    routes: list[tuple[Target, ExactLayer]] = field(default_factory=list)  # exact mode: the routes installed
 
 
 class FlatLora:
@@ -85,6 +87,7 @@ class FlatLora:
         self._applied: _Applied | None = None
         self._exact_layers: dict[Target, ExactLayer] = {}  # exact mode: each target's route, built at first use
         self._coverage_key: tuple | None = None  # active adapters when the coverage was last checked
+        self._seen: set[int] = set()  # targets that ran perturbed in some step, or were already named (check_ran)
 
     # --- inspection ------------------------------------------------------------------------------------
     @property
@@ -157,12 +160,18 @@ class FlatLora:
     # --- perturbation ----------------------------------------------------------------------------------
     @contextlib.contextmanager
     def perturbed(self, t: int) -> Iterator["FlatLora"]:
-        """Run the body at ``W + E_t``; the model is back at ``W`` afterwards, also if the body raises."""
+        """Run the body at ``W + E_t``; the model is back at ``W`` afterwards, also if the body raises.
+
+        On a normal exit, `restore` checks that the perturbed layers computed with their noise (exact mode):
+        it raises ``RuntimeError`` when none did. A body that raised is never masked by that check.
+        """
         self.perturb(t)
+        completed = False
         try:
             yield self
+            completed = True
         finally:
-            self.restore()
+            self.restore(check=completed)
 
     def perturb(self, t: int) -> None:
         """Apply the noise of step ``t``. Pair with `restore` (the callback does); prefer `perturbed`."""
@@ -181,22 +190,38 @@ class FlatLora:
             if sigma > 0 and self.mode == "inplace":
                 applied.specs = self.noise_specs(t)  # all norms before any noise is added
                 for target, spec in applied.specs:
-                    applied.undo.append(self._apply_inplace(target, spec))
+                    applied.undo.append(self._apply_inplace(target, spec, t))
             elif sigma > 0:  # exact: specs taken now, or at each layer's first forward when sharded (_apply_exact)
                 for target in (tg for tg in self._targets if tg.in_use()):
                     in_forward = _sharding.sharded(target)  # whole only once forward gathers them
                     spec = functools.partial(self._step_spec, applied, target, in_forward)
                     applied.undo.append(self._apply_exact(target, spec, now=not in_forward))
+                    applied.routes.append((target, self._exact_layers[target]))
         except BaseException:
             _undo_all(applied.undo)
             raise
         self._applied = applied
 
-    def restore(self) -> None:
-        """Return the model to ``W`` (a no-op when it is not perturbed)."""
+    def restore(self, check: bool | None = None) -> None:
+        """Return the model to ``W`` (a no-op when it is not perturbed).
+
+        Exact mode, ``sigma_t > 0``: then check which perturbed layers computed with their noise during the step
+        (`flatlora.targets.check_ran`): ``RuntimeError`` when none did (a fused kernel reading
+        ``base_layer.weight``, a model copied or re-wrapped after this `FlatLora` was built, no forward in the
+        step); a warning naming the layers that never have, in this step or any before, unless
+        ``config.allow_unperturbed`` matches them. ``check``: run that check; default (``None``): unless an
+        exception is being handled, so a ``restore()`` in the ``finally`` of a failed step does not mask it.
+        """
         applied, self._applied = self._applied, None
-        if applied is not None:
-            _undo_all(applied.undo)
+        if applied is None:
+            return
+        if check is None:
+            check = sys.exc_info()[1] is None
+        ran = {target.index for target, layer in applied.routes if layer.ran()}  # before undo: end() forgets it
+        _undo_all(applied.undo)
+        if check and applied.routes:
+            check_ran([target for target, _ in applied.routes], ran, self._seen, self.config.allow_unperturbed,
+                      f"step {applied.step} (sigma={applied.sigma:.3g})")
 
     # --- the two modes ---------------------------------------------------------------------------------
     def _apply_exact(self, target: Target, spec: Callable[[], NoiseSpec], now: bool) -> Callable[[], None]:
@@ -208,9 +233,11 @@ class FlatLora:
         """
         layer = self._exact_layers.get(target)  # one route per target, reused every step
         if layer is None and target.quantized:  # bitsandbytes: deq(W) + E with one matmul, or the noise beside
-            layer = self._exact_layers[target] = QuantizedExactLayer(target.base, target.op, target.transposed)
+            layer = self._exact_layers[target] = QuantizedExactLayer(target.base, target.op, target.transposed,
+                                                                     adapter_switch(self.model, target))
         if layer is None:
-            layer = self._exact_layers[target] = ExactLayer(target.base, target.op, target.transposed)
+            layer = self._exact_layers[target] = ExactLayer(target.base, target.op, target.transposed,
+                                                            adapter_switch(self.model, target))
         # The spec is taken now, outside any torch.compile'd region (its Python cannot be traced); under FSDP2 or
         # ZeRO-3 the weights are shards until forward gathers them, so at the layer's first forward (a graph break).
         layer.begin(spec, now=now)
@@ -234,12 +261,18 @@ class FlatLora:
 
         return unswap
 
-    def _apply_inplace(self, target: Target, spec: NoiseSpec) -> Callable[[], None]:
+    def _apply_inplace(self, target: Target, spec: NoiseSpec, t: int) -> Callable[[], None]:
+        """``W_base += E``; a reference-model forward (`runs_reference`) is refused while the noise is in the weight."""
         weight = target.base.weight
         with torch.no_grad():  # W += E block by block, never a full E (flatlora.noise.add_filter_noise)
             spec.add_to(target.logical(weight), inplace=True)
+        switch = adapter_switch(self.model, target)
+        handle = None if switch is None else target.module.register_forward_pre_hook(
+            functools.partial(_refuse_reference, switch, trained_adapters(switch), target.name, t))
 
         def subtract() -> None:
+            if handle is not None:
+                handle.remove()
             with torch.no_grad():
                 spec.add_to(target.logical(weight), subtract=True, inplace=True)
 
@@ -282,6 +315,19 @@ class FlatLora:
     def __repr__(self) -> str:
         return (f"FlatLora(mode={self.mode!r}, rho={self.config.rho}, schedule={self.config.schedule!r}, "
                 f"total_steps={self.total_steps}, layers={len(self._targets)})")
+
+
+def _refuse_reference(switch: nn.Module, trained: tuple[str, ...], name: str, t: int, module: nn.Module,
+                      args: tuple) -> None:
+    """Forward pre-hook of the in-place mode: a reference model would compute at ``W0 + E`` (`runs_reference`)."""
+    if runs_reference(switch, trained):
+        how = ("its adapters disabled (model.disable_adapter())" if switch.disable_adapters else
+               f"adapters {list(switch.active_adapters)} active instead of {list(trained)} (set_adapter())")
+        raise ValueError(
+            f"layer {name!r} ran a forward with {how} inside perturbed({t}) with mode='inplace': a reference model "
+            "(as TRL's DPO, KTO and GRPO's KL term compute inside the training step), but its base weight holds "
+            "the noise, so that reference would be noisy. Use mode='exact' (or 'auto'), whose reference forwards "
+            "compute with the clean weight")
 
 
 def _undo_all(undo: list[Callable[[], None]]) -> None:

@@ -22,6 +22,7 @@ step: the eager or the compiled op, swapped in for the base layer's forward or a
 
 from __future__ import annotations
 
+import itertools
 import sys
 from typing import Any, Callable
 
@@ -31,6 +32,7 @@ from torch import nn
 from . import _compiled
 from .noise import NoiseSpec
 from .ops import Op
+from .targets import runs_reference, trained_adapters
 
 
 class PerturbedOp(torch.autograd.Function):
@@ -134,8 +136,11 @@ class _OutsideGraph:
 
 
 def _perturbed_op_eager_fn(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                           seed: torch.Tensor, scale: torch.Tensor, shape: tuple[int, ...], op: Op) -> torch.Tensor:
+                           seed: torch.Tensor, scale: torch.Tensor, shape: tuple[int, ...], op: Op,
+                           layer: int) -> torch.Tensor:
     """The cases the custom op does not cover, outside the compiled graph (a graph break)."""
+    if layer >= 0:  # runs at every call, as the custom op does: record the layer as it would
+        _compiled.ran_layers.add(layer)
     return perturbed_op(x, weight, bias, NoiseSpec(int(seed), scale, tuple(shape)), op)
 
 
@@ -143,20 +148,22 @@ _perturbed_op_eager = _OutsideGraph(_perturbed_op_eager_fn)
 
 
 def perturbed_op_compiled(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                          seed: torch.Tensor, scale: torch.Tensor, shape: tuple[int, ...], op: Op) -> torch.Tensor:
+                          seed: torch.Tensor, scale: torch.Tensor, shape: tuple[int, ...], op: Op,
+                          layer: int = -1) -> torch.Tensor:
     """`perturbed_op` for code that ``torch.compile`` traces, with the spec as tensors.
 
     ``perturbed_op_compiled(x, w, b, torch.tensor(s.seed), s.scale, s.shape, op)`` computes the same numbers
     as ``perturbed_op(x, w, b, s, op)``, forward and backward. The seed (int64 scalar tensor) and ``scale``
     (``(m,)`` fp32) are graph inputs, so a new step reuses the compiled graph. A trainable base weight, a conv
     without a closed-form input gradient (``padding_mode != "zeros"`` or string padding) or an embedding with
-    ``max_norm`` goes through `PerturbedOp` in eager mode (a graph break: correct, slower).
+    ``max_norm`` goes through `PerturbedOp` in eager mode (a graph break: correct, slower). ``layer``: the
+    calling `ExactLayer`'s ``uid``, recorded in ``flatlora._compiled.ran_layers`` each time the op runs.
     """
     if not op.fits_custom_op(weight):
-        return _perturbed_op_eager(x, weight, bias, seed, scale, shape, op)
+        return _perturbed_op_eager(x, weight, bias, seed, scale, shape, op, layer)
     dev = x.device.type
     amp_dtype = torch.get_autocast_dtype(dev) if op.kind != "embedding" and torch.is_autocast_enabled(dev) else None
-    args = (bias, scale, seed, list(shape), op.kind, op.params(), amp_dtype)
+    args = (bias, scale, seed, list(shape), op.kind, op.params(), amp_dtype, layer)
     if op.kind == "linear" and x.dim() > 2:  # fold to 2-D, as perturbed_op does: the view back allows `+=`
         y = _compiled.perturbed(x.reshape(-1, x.shape[-1]), weight, *args)
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -164,6 +171,9 @@ def perturbed_op_compiled(x: torch.Tensor, weight: torch.Tensor | None, bias: to
 
 
 # --- one layer's route, installed by FlatLora._apply_exact -----------------------------------------------------
+_uids = itertools.count()  # ExactLayer.uid
+
+
 def _take_spec_fn(layer: "ExactLayer") -> None:
     """Take the step's spec (Python: blake2b seed, merged-weight norms) outside any compiled graph."""
     layer.spec()
@@ -180,10 +190,22 @@ class ExactLayer:
     ``torch.compile`` guards on the identity of a swapped forward or hook, and a new closure per step would
     recompile per step. What changes per step is the spec given to `begin`: a callable for eager code, and for
     compiled code its seed and row std as tensors (graph inputs) and its shape (the same every step).
+
+    ``switch``: the LoRA layer whose adapter state is read at every forward (`flatlora.targets.adapter_switch`).
+    While its adapters are disabled, or others are active than when the step began (a reference model:
+    `flatlora.targets.runs_reference`), the route computes the clean layer: no noise, nothing recorded, no spec
+    taken.
+
+    `ran` says whether the layer computed with noise since `begin`: the eager route records it itself, a
+    compiled one through the custom op, which runs at every call where the traced Python does not
+    (``flatlora._compiled.ran_layers``, keyed by `uid`; a plain set add per call, no device sync).
     """
 
-    def __init__(self, base: nn.Module, op: Op, transposed: bool) -> None:
+    def __init__(self, base: nn.Module, op: Op, transposed: bool, switch: nn.Module | None = None) -> None:
         self.op = op
+        self.uid = next(_uids)  # unique in the process; a constant of the compiled graph
+        self.switch = switch
+        self.trained: tuple[str, ...] = ()  # the switch's active adapters when the step began
         self.ready = False  # the step's spec is taken (and seed/scale/shape set)
         self.seed: torch.Tensor | None = None  # int64 scalar: the 63-bit layer seed
         self.scale: torch.Tensor | None = None  # (m,) fp32 row std
@@ -194,22 +216,31 @@ class ExactLayer:
             w = base.weight
             return (w.t() if transposed else w), getattr(base, "bias", None)
 
+        def reference() -> bool:  # read at every forward: the adapters may be switched inside a step
+            return runs_reference(switch, self.trained)
+
         def forward(x: torch.Tensor) -> torch.Tensor:
+            if reference():  # the clean layer: its class's own forward (the swap needs a plain one, ops.noise_beside)
+                return type(base).forward(base, x)
             w, b = weights()
             if torch.compiler.is_compiling():
                 if not self.ready:  # only under FSDP2 or ZeRO-3 (see FlatLora._apply_exact): a graph break
                     _take_spec(self)
-                return perturbed_op_compiled(x, w, b, self.seed, self.scale, self.shape, op)
+                return perturbed_op_compiled(x, w, b, self.seed, self.scale, self.shape, op, self.uid)
+            _compiled.ran_layers.add(self.uid)
             return perturbed_op(x, w, b, self.spec(), op)
 
         def take_spec(module: nn.Module, args: tuple) -> None:  # a pre-hook: the layer's weights are whole here
-            if not self.ready:
+            if not self.ready and not reference():  # the merged weight is the trained adapters' only
                 _take_spec(self)
 
         def add_noise(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            if reference():
+                return output
             if torch.compiler.is_compiling():
-                noise = perturbed_op_compiled(args[0], None, None, self.seed, self.scale, self.shape, op)
+                noise = perturbed_op_compiled(args[0], None, None, self.seed, self.scale, self.shape, op, self.uid)
             else:
+                _compiled.ran_layers.add(self.uid)
                 noise = perturbed_op(args[0], None, None, self.spec(), op)
             return output + noise.to(output.dtype)
 
@@ -219,6 +250,8 @@ class ExactLayer:
         """Route the next forwards through the spec that ``spec_fn()`` gives (computed once per step by the
         caller); ``now``: take it at once rather than at the layer's first forward."""
         self._spec_fn, self.ready = spec_fn, False
+        self.trained = trained_adapters(self.switch)
+        _compiled.ran_layers.discard(self.uid)
         _take_spec.prepare()  # eager code: ready the graph breaks before any compiled forward traces them
         _perturbed_op_eager.prepare()
         if now:
@@ -226,6 +259,11 @@ class ExactLayer:
 
     def end(self) -> None:
         self._spec_fn, self.ready, self.seed, self.scale = None, False, None, None
+        _compiled.ran_layers.discard(self.uid)
+
+    def ran(self) -> bool:
+        """Whether the layer computed with noise since `begin` (read it before `end`)."""
+        return self.uid in _compiled.ran_layers
 
     def spec(self) -> NoiseSpec:
         """The step's `NoiseSpec`; the first call of a step also sets its tensor form for compiled code."""

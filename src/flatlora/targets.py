@@ -126,10 +126,11 @@ class Target:
         return [a for a in m.active_adapters if a in own and a not in merged]
 
     def in_use(self) -> bool:
-        """Whether the layer is perturbed now: a plain (opted-in) layer always; a LoRA layer when one of the
-        model's active adapters lives on it (merged or not; with adapters disabled its base still is, as the
-        in-place mode's weights would be). A layer holding only inactive adapters computes like a layer LoRA
-        does not target, so it stays clean: training one adapter sees the same noise whatever others exist."""
+        """Whether the layer is perturbed in the coming step: a plain (opted-in) layer always; a LoRA layer when
+        one of the model's active adapters lives on it (merged or not). A layer holding only inactive adapters
+        computes like a layer LoRA does not target, so it stays clean: training one adapter sees the same noise
+        whatever others exist. Adapters disabled or switched within a step (a reference model) are decided at
+        each forward (`runs_reference`), not here."""
         return not self.is_lora or _holds_active_adapter(self.module)
 
     def dora_adapter(self) -> str | None:
@@ -195,6 +196,29 @@ def lora_layers_with_active_adapters(model: nn.Module) -> list[str]:
     """Names of the PEFT LoRA layers on which one of the model's active adapters lives."""
     lora_types = _lora_layer_types()
     return [name for name, m in model.named_modules() if isinstance(m, lora_types) and _holds_active_adapter(m)]
+
+
+def adapter_switch(model: nn.Module, target: Target) -> nn.Module | None:
+    """The LoRA layer whose adapter state says which model ``target`` computes in now (`runs_reference`): the
+    target itself, or for a plain (opted-in) target the model's first LoRA layer (``disable_adapter()`` and
+    ``set_adapter()`` set every LoRA layer together); ``None`` when the model has none."""
+    if target.is_lora:
+        return target.module
+    lora_types = _lora_layer_types()
+    return next((m for m in model.modules() if isinstance(m, lora_types)), None)
+
+
+def trained_adapters(switch: nn.Module | None) -> tuple[str, ...]:
+    """The adapters active on ``switch`` now: taken when a step begins, for `runs_reference`."""
+    return () if switch is None else tuple(switch.active_adapters)
+
+
+def runs_reference(switch: nn.Module | None, trained: tuple[str, ...]) -> bool:
+    """Whether a forward now computes another model than the one being trained, which must not see the noise:
+    ``switch`` (`adapter_switch`) has its adapters disabled (``model.disable_adapter()``: the base model, the
+    reference of TRL's DPO/KTO/ORPO given a ``peft_config``) or other adapters active than ``trained`` (TRL's
+    frozen ``"ref"`` adapter, given a ``PeftModel``). Plain attribute reads, cheap at every forward."""
+    return switch is not None and (switch.disable_adapters or tuple(switch.active_adapters) != trained)
 
 
 def find_targets(model: nn.Module, target_modules: Iterable[str] | None = None,
@@ -274,3 +298,37 @@ def check_coverage(model: nn.Module, targets: list[Target], target_modules: Iter
 def _names(names: list[str], shown: int = 4) -> str:
     more = f" and {len(names) - shown} more" if len(names) > shown else ""
     return ", ".join(repr(n) for n in names[:shown]) + more
+
+
+def check_ran(routed: list[Target], ran: set[int], seen: set[int], allow: Iterable[str], where: str) -> None:
+    """After an exact-mode step: refuse a step in which none of ``routed`` computed with its noise, and name
+    the layers that never have.
+
+    ``routed``: the layers given a perturbed route for the step; ``ran``: the indices of those that computed
+    with it (`flatlora.exact.ExactLayer.ran`); ``seen``: indices that ran in an earlier step or were already
+    named, updated here, so that a layer is named at most once and a layer that ran before (a mixture-of-experts
+    expert not routed this time) never; ``allow``: regexes of names never named (``allow_unperturbed``);
+    ``where`` starts the messages. Raises ``RuntimeError`` when ``ran`` is empty, warns (``RuntimeWarning``)
+    about the rest.
+    """
+    seen |= ran
+    if not ran:
+        raise RuntimeError(
+            f"{where}: none of the {len(routed)} layers FlatLora perturbs computed with its noise during the step, "
+            "so the step trained plain LoRA. Likely causes: fused LoRA kernels that read base_layer.weight "
+            "themselves (Unsloth's fast LoRA paths, Axolotl's lora_mlp_kernel/lora_qkv_kernel/lora_o_kernel, "
+            "liger's fused linear cross-entropy on lm_head): turn them off; a model copied, compiled or wrapped "
+            "after FlatLora was built, so that its forward no longer reaches the layers FlatLora holds: build "
+            "FlatLora on the model as it is trained; or no forward ran inside the step (perturbed(t), or between "
+            "the callback's on_step_begin and on_pre_optimizer_step)")
+    patterns = [re.compile(p) for p in allow]
+    missed = [tg.name for tg in routed if tg.index not in seen and not any(p.search(tg.name) for p in patterns)]
+    seen |= {tg.index for tg in routed if tg.name in missed}
+    if missed:
+        warnings.warn(
+            f"{where}: layers {_names(missed)} never computed with Flat-LoRA's noise, in this step or any before, "
+            f"while {len(ran)} other layers did: either they ran without it (a fused kernel that reads "
+            "base_layer.weight itself, e.g. liger's fused linear cross-entropy or TRL's fused LM head on a LoRA "
+            "lm_head: both also drop the LoRA delta) or they did not run (a mixture-of-experts expert not routed, "
+            "an unused branch). Layers that may legitimately not run: name them in allow_unperturbed "
+            "(regexes); this warning names each layer once", RuntimeWarning, stacklevel=3)

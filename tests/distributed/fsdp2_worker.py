@@ -9,6 +9,7 @@ comparison with a single-process reference built in the pytest process.
 from __future__ import annotations
 
 import sys
+import warnings
 
 import torch
 from torch.distributed.fsdp import fully_shard
@@ -62,14 +63,17 @@ def collect(rank: int, world: int) -> dict:
         flat = FlatLora(model, FlatLoraConfig(rho=RHO, seed=SEED, same_noise_across_ranks=same), total_steps=T)
         # outside forward: noise_specs all-gathers each layer's shards to take its row norms (all ranks call it)
         specs = {target.name: (spec.seed, spec.scale.clone(), spec.shape) for target, spec in flat.noise_specs(T)}
-        with flat.perturbed(T):
+        with warnings.catch_warnings(record=True) as caught, flat.perturbed(T):
+            warnings.simplefilter("always")
             for k in range(MICRO):
                 loss = model(**micro_batch(T, world * k + rank, lm=True)).loss
                 (loss / MICRO).backward()
         grads = {n: full(p.grad) for n, p in model.named_parameters() if p.grad is not None}
         model.zero_grad(set_to_none=True)
         result[name] = dict(specs=specs, grads=grads, noise_rank=flat.noise_rank, targets=flat.targets,
-                            swapped=[n for n, m in model.named_modules() if "forward" in m.__dict__])
+                            swapped=[n for n, m in model.named_modules() if "forward" in m.__dict__],
+                            ran=sorted(flat._seen),
+                            warnings=[str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)])
     result["shards_unchanged"] = all(torch.equal(p.to_local(), shards[n])
                                      for n, p in model.named_parameters() if not p.requires_grad)
     result["frozen_full"] = {n: full(p) for n, p in model.named_parameters() if not p.requires_grad}

@@ -63,6 +63,14 @@ def test_base_weights_untouched(ranks):
         assert r["default"]["swapped"] == [] and r["same"]["swapped"] == []  # forwards restored
 
 
+def test_every_layer_counted_as_perturbed_and_no_warning(ranks):
+    """The bypass guard under FSDP2: every layer computed with its noise (no false alarm), nothing warned."""
+    for r in ranks:
+        for scenario in ("default", "same"):
+            assert r[scenario]["ran"] == list(range(len(r[scenario]["targets"]))) == list(range(6))
+            assert r[scenario]["warnings"] == []
+
+
 def test_noise_specs_outside_forward_use_the_whole_merged_weight(ranks):
     layers = lora_layers(dist_llama(seed=0))
     sigma = cosine_sigma(W.T, W.T, W.RHO)

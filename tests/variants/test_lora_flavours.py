@@ -74,21 +74,22 @@ def test_several_active_adapters_are_perturbed_as_their_sum():
     assert any(".other." in k for k in results["exact"][1]) and any(".default." in k for k in results["exact"][1])
 
 
-def test_disabled_adapters_leave_only_the_base_to_perturb():
+def test_disabled_adapters_compute_the_clean_base():
+    """With the adapters disabled (``model.disable_adapter()``: TRL's reference model) the layers compute with
+    ``W0`` alone, also inside ``perturbed(t)`` (tests/test_reference_model.py); the noise scale asked for there is
+    ``W0``'s. A step in which only such forwards ran perturbed nothing, and is refused."""
     model = toy().eval()
     flat = FlatLora(model, FlatLoraConfig(rho=0.5, seed=2), total_steps=T)
     batch = mlp_batch()
     with model.disable_adapter():
-        noise = flat.noise(T)
         for target, spec in flat.noise_specs(T):
             w0 = target.module.base_layer.weight.detach()
             torch.testing.assert_close(spec.scale, row_std(w0, cosine_sigma(T, T, 0.5)), rtol=1e-5, atol=0)
-        ref = with_base_at(model, noise)
-        with flat.perturbed(T):
-            got = loss_of(model, batch)
-        with ref.disable_adapter():
-            want = loss_of(ref, batch)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        clean = loss_of(model, batch)
+        with pytest.raises(RuntimeError, match="none of the 2 layers FlatLora perturbs computed with its noise"):
+            with flat.perturbed(T):
+                got = loss_of(model, batch)
+    assert torch.equal(got, clean)
 
 
 @pytest.mark.parametrize("mode", ["exact", "inplace"])
