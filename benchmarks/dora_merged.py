@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/dora_merged.py                 # 6 DoRA layers 1024x1024, 2048 tokens (CPU: minutes)
     .venv/bin/python benchmarks/dora_merged.py --hidden 128 --tokens 64 --rounds 2   # seconds
 
-The exact mode adds ``x · Eᵀ`` beside a DoRA layer (`flatlora.ops.noise_beside`): two weight-sized matmuls per
+The exact mode adds ``x · Eᵀ`` beside a DoRA layer (`flatlora.targets.noise_beside`): two weight-sized matmuls per
 layer more than DoRA's own step (``x · Eᵀ`` forward, ``g · E`` backward). Two ways to avoid them, each checked here:
 
 * **swap the base op only** (what bitsandbytes bases do): PEFT's DoRA output is ``mns ⊙ (x·W0ᵀ + s·x·(BA)ᵀ)``

@@ -96,7 +96,7 @@ def fuses_noise(base: nn.Module) -> bool:
     Not: a 4-bit weight in the CPU-packed layout (its kernel rounds the input and the output to bf16 and has no
     backward), an 8-bit layer on CUDA or in eval mode (LLM.int8 quantizes the activations too), weights without
     their quantization state, and subclasses with their own ``forward``. On those the noise stays beside the
-    layer (`flatlora.ops.noise_beside`), so the layer computes bitsandbytes' own numbers.
+    layer (`flatlora.targets.noise_beside`), so the layer computes bitsandbytes' own numbers.
     """
     w = base.weight
     kind = type(w).__name__

@@ -95,7 +95,7 @@ def fused_linear(x: torch.Tensor, base: nn.Module, spec: NoiseSpec) -> torch.Ten
 
 class QuantizedExactLayer(ExactLayer):
     """`ExactLayer` of a bitsandbytes layer: ``forward`` (swapped in for the base layer's where
-    `flatlora.ops.noise_beside` allows it) is `fused_linear`; the noise-beside hooks are `ExactLayer`'s, for steps
+    `flatlora.targets.noise_beside` allows it) is `fused_linear`; the noise-beside hooks are `ExactLayer`'s, for steps
     where the layer cannot fuse (a CPU-packed 4-bit weight, 8-bit on CUDA, DoRA)."""
 
     def __init__(self, base: nn.Module, op: Op, transposed: bool, switch: nn.Module | None = None) -> None:

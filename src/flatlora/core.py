@@ -12,7 +12,7 @@ Two ways to run at ``W + E``; both draw the same ``E`` for the same ``(seed, t, 
 * ``exact``: nothing is written. Each base layer computes ``op(x, W_base + E, b)`` through
   `flatlora.exact.PerturbedOp` (its ``forward`` is swapped for the context's lifetime only; a bitsandbytes layer
   computes ``x · (deq(W_base) + E)ᵀ + b``, `flatlora._quantized_op`), or, for layers whose output does not come
-  from one base op (DoRA, some bitsandbytes layers: `flatlora.ops.noise_beside`), a forward hook adds
+  from one base op (DoRA, some bitsandbytes layers: `flatlora.targets.noise_beside`), a forward hook adds
   ``op(x, E)`` to the LoRA layer's output. ``E`` is regenerated from its seed in backward (or, with
   ``keep_noisy_weight``, forward's ``W + E`` is kept for it). Base weights stay bit-identical in every dtype.
 * ``inplace``: the paper's way: ``W_base += E`` on entry and ``W_base -= E`` (regenerated) on exit; fp32
@@ -42,10 +42,11 @@ from ._checks import check_int
 from ._quantized_op import QuantizedExactLayer
 from .config import FlatLoraConfig
 from .exact import ExactLayer
+from .integrations import check_fused_paths
 from .noise import NoiseSpec, layer_noise_spec
-from .ops import noise_beside
 from .schedule import sigma_at
-from .targets import Target, adapter_switch, check_coverage, check_ran, find_targets, runs_reference, trained_adapters
+from .targets import (Target, adapter_switch, check_coverage, check_ran, find_targets, noise_beside, runs_reference,
+                      trained_adapters)
 
 
 @dataclass
@@ -84,6 +85,8 @@ class FlatLora:
         self.mode = "exact" if config.mode == "auto" else config.mode
         if self.mode == "inplace":
             self._check_inplace()
+        else:  # a fused LoRA kernel (Unsloth, Axolotl) that reads a target's weight itself: refused, naming the fix
+            check_fused_paths(model, self.targets)
         self._applied: _Applied | None = None
         self._exact_layers: dict[Target, ExactLayer] = {}  # exact mode: each target's route, built at first use
         self._coverage_key: tuple | None = None  # active adapters when the coverage was last checked

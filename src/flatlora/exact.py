@@ -17,7 +17,7 @@ Under ``torch.compile`` the same computation runs as two custom operators (`flat
 `perturbed_op_compiled` with the spec as tensors; it sends the cases they do not cover to `PerturbedOp` outside
 the graph (a graph break). `ExactLayer` is one layer's route, installed by `flatlora.core.FlatLora` for a
 step: the eager or the compiled op, swapped in for the base layer's forward or added beside the layer
-(`flatlora.ops.noise_beside` decides which).
+(`flatlora.targets.noise_beside` decides which).
 """
 
 from __future__ import annotations
@@ -220,7 +220,7 @@ class ExactLayer:
             return runs_reference(switch, self.trained)
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            if reference():  # the clean layer: its class's own forward (the swap needs a plain one, ops.noise_beside)
+            if reference():  # the clean layer: its class's own forward (the swap needs a plain one, targets.noise_beside)
                 return type(base).forward(base, x)
             w, b = weights()
             if torch.compiler.is_compiling():

@@ -9,7 +9,7 @@ Every weight here is in logical layout ``(m, *fan_in)`` (row ``i`` = output filt
 * ``embedding``: ``F.embedding(x, W, ...)``, ``x`` integer ids.
 
 Each is linear in ``W``: ``op(x, W + E, b) = op(x, W, b) + op(x, E)``. That is what lets the exact mode add the
-noise term beside a layer it cannot swap (`noise_beside`) and the diagnostics move a layer's weight by an
+noise term beside a layer it cannot swap (`flatlora.targets.noise_beside`) and the diagnostics move a layer's weight by an
 offset ``D`` with a hook adding ``op(x, D)`` (`Op.offset_output`). The same dispatch written with ints instead of
 a module (`apply_op`, `op_input_grad`, `op_bias_grad`) serves the ``torch.compile`` custom operators
 (`flatlora._compiled`), which cannot take a module as an argument.
@@ -18,16 +18,10 @@ a module (`apply_op`, `op_input_grad`, `op_bias_grad`) serves the ``torch.compil
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from ._quantized import fuses_noise
-
-if TYPE_CHECKING:  # annotations only: targets.py imports this module
-    from .targets import Target
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_INPUT_GRAD = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}
@@ -130,24 +124,3 @@ def plain_forward(base: nn.Module) -> bool:
     """Whether the layer's class computes exactly ``op(x, W, b)``: torch's own Linear/ConvNd/Embedding forward,
     or GPT-2's Conv1D; a subclass overriding forward (e.g. an embedding that scales its output) is not."""
     return type(base).__name__ == "Conv1D" or type(base).forward in _PLAIN_FORWARDS
-
-
-def noise_beside(target: Target) -> bool:
-    """Whether the exact mode adds ``op(x, E)`` to the (LoRA) layer's output with a forward hook, rather than
-    swapping its base layer's forward for ``op(x, W + E, b)``.
-
-    Swapping needs the base layer's output to be exactly one ``op(x, W_base, b)``. It is not for a DoRA adapter
-    (which rescales the base output by its magnitude over the merged weight's norm), a forward another library
-    already replaced on the instance, a subclass computing more than ``op`` (a scaled embedding), or a quantized
-    base that bitsandbytes does not compute as a dense matmul with its dequantized weight (`fuses_noise`; those
-    that it does are swapped for ``op(x, deq(W) + E, b)``, `flatlora._quantized_op`). Since ``op`` is linear in
-    the weight, adding ``op(x, E)`` beside the layer gives ``op(x, W + E, b)`` on every one of these paths. It is
-    the fallback, not the rule, because it costs a second op per layer (``op(x, E)`` beside ``op(x, W, b)``),
-    where the swap costs none.
-    """
-    base = target.base
-    if target.dora_adapter() is not None or "forward" in base.__dict__:
-        return True
-    if target.quantized:
-        return target.transposed or not fuses_noise(base)
-    return not plain_forward(base)

@@ -26,8 +26,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ._quantized import dequantize, is_quantized
-from .ops import Op
+from ._quantized import dequantize, fuses_noise, is_quantized
+from .ops import Op, plain_forward
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -332,3 +332,25 @@ def check_ran(routed: list[Target], ran: set[int], seen: set[int], allow: Iterab
             "lm_head: both also drop the LoRA delta) or they did not run (a mixture-of-experts expert not routed, "
             "an unused branch). Layers that may legitimately not run: name them in allow_unperturbed "
             "(regexes); this warning names each layer once", RuntimeWarning, stacklevel=3)
+
+
+# --- how the exact mode routes a target -------------------------------------------------------------------------
+def noise_beside(target: Target) -> bool:
+    """Whether the exact mode adds ``op(x, E)`` to the (LoRA) layer's output with a forward hook, rather than
+    swapping its base layer's forward for ``op(x, W + E, b)``.
+
+    Swapping needs the base layer's output to be exactly one ``op(x, W_base, b)``. It is not for a DoRA adapter
+    (which rescales the base output by its magnitude over the merged weight's norm), a forward another library
+    already replaced on the instance, a subclass computing more than ``op`` (a scaled embedding), or a quantized
+    base that bitsandbytes does not compute as a dense matmul with its dequantized weight (`fuses_noise`; those
+    that it does are swapped for ``op(x, deq(W) + E, b)``, `flatlora._quantized_op`). Since ``op`` is linear in
+    the weight, adding ``op(x, E)`` beside the layer gives ``op(x, W + E, b)`` on every one of these paths. It is
+    the fallback, not the rule, because it costs a second op per layer (``op(x, E)`` beside ``op(x, W, b)``),
+    where the swap costs none.
+    """
+    base = target.base
+    if target.dora_adapter() is not None or "forward" in base.__dict__:
+        return True
+    if target.quantized:
+        return target.transposed or not fuses_noise(base)
+    return not plain_forward(base)
