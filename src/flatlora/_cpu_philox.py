@@ -14,14 +14,15 @@ How: the draw is written as tensor operations (`_philox`, `_box_muller`) over on
 ``m * ceil(n / 4)`` Philox calls, and ``torch._inductor.compile`` turns the whole graph (counter, ten rounds,
 Box-Muller, row scale, ``W +/- E``) into one C++ loop, vectorised (AVX2/AVX-512 through ``at::vec``) and split
 over torch's threads (OpenMP): it reads ``W`` and writes the result once, four columns per Philox call. The
-32x32 -> 64-bit products of Philox are int64 multiplies whose low 64 bits are exact; the arithmetic shift and
-a 32-bit mask take the high word. One graph is compiled per (shape, strides, dtypes, operation, threads),
+32x32 -> 64-bit products of Philox are int64 multiplies whose low 64 bits are exact (inductor emits vector
+multiplies, which wrap, also for the loop's tail; the tests check every element against a reference); the
+arithmetic shift and a 32-bit mask take the high word. One graph is compiled per (shape, strides, dtypes, operation, threads),
 once per process (inductor's on-disk FX graph cache makes later processes load it in a fraction of the time).
 
 The samples are the GPU kernel's: the Philox words and uniforms are equal bit for bit; ``log``/``cos``/``sin``
 /``sqrt`` come from SLEEF's vectorised functions here (1 ulp), from NumPy under Triton's interpreter and from
-the GPU's libdevice there, so a few elements in a hundred differ in their last bit or two (docs/cost.md gives the
-measured figures). Forward and backward of one step run the same compiled code: the same ``E`` bit for bit.
+the GPU's libdevice there, so about a quarter of the elements differ from the interpreter's by 1 ulp and a few
+percent by 2-4 ulp (docs/cost.md gives the measured figures). Forward and backward of one step run the same compiled code: the same ``E`` bit for bit.
 
 Needs inductor's C++ toolchain (a C++ compiler); `probe` says whether it works (`flatlora.noise` falls back to
 torch's generator with a warning when it does not).
@@ -104,9 +105,9 @@ def _row_scale_flat(scale: torch.Tensor, m: int, groups: int) -> torch.Tensor:
 
 
 def _combine(w: torch.Tensor, e: torch.Tensor, subtract: bool) -> torch.Tensor:
-    """``w +/- e.to(w.dtype)`` with torch's rounding, written out so that inductor cannot skip the rounding of
-    ``e`` to a half-precision dtype: fp32 ``e`` rounded to W's dtype, the sum in fp32 (fp64 for fp64) rounded
-    once."""
+    """``w +/- e.to(w.dtype)`` with torch's rounding, the casts written out: fp32 ``e`` rounded to W's dtype, the
+    sum in fp32 (fp64 for fp64) rounded once (inductor keeps the first rounding only with
+    ``emulate_precision_casts``, set in `_compiled`)."""
     if w.dtype in (torch.float32, torch.float64):
         ea = e.to(w.dtype)
         return w - ea if subtract else w + ea
@@ -114,11 +115,15 @@ def _combine(w: torch.Tensor, e: torch.Tensor, subtract: bool) -> torch.Tensor:
     return (wa - ea if subtract else wa + ea).to(w.dtype)
 
 
+def _interleaved(parts: list[torch.Tensor], m: int, n: int) -> torch.Tensor:
+    """Columns ``4g + k`` <- ``parts[k][i * groups + g]``: the ``(m, n)`` matrix of four flat parts."""
+    return torch.stack(parts, dim=-1).view(m, -1)[:, :n]
+
+
 def _e_graph(scale: torch.Tensor, key: torch.Tensor, *, m: int, n: int, dtype: torch.dtype):
     groups = -(-n // 4)
     s = _row_scale_flat(scale, m, groups)
-    e = torch.stack([z * s for z in _normals(m, groups, key)], dim=-1).view(m, 4 * groups)[:, :n]
-    return (e.to(dtype),)
+    return (_interleaved([z * s for z in _normals(m, groups, key)], m, n).to(dtype),)
 
 
 def _add_graph(w: torch.Tensor, scale: torch.Tensor, key: torch.Tensor, *, m: int, n: int, subtract: bool):
@@ -127,10 +132,8 @@ def _add_graph(w: torch.Tensor, scale: torch.Tensor, key: torch.Tensor, *, m: in
     zs = _normals(m, groups, key)
     if n % 4 == 0 and w.stride() == (n, 1):  # one pass: four columns of W per Philox call
         w4 = w.view(m * groups, 4)
-        out = torch.stack([_combine(w4[:, k], z * s, subtract) for k, z in enumerate(zs)], dim=-1)
-        return (out.view(m, n),)
-    e = torch.stack([z * s for z in zs], dim=-1).view(m, 4 * groups)[:, :n]
-    return (_combine(w, e, subtract),)
+        return (_interleaved([_combine(w4[:, k], z * s, subtract) for k, z in enumerate(zs)], m, n),)
+    return (_combine(w, _interleaved([z * s for z in zs], m, n), subtract),)
 
 
 def _compiled(kind: str, example: list[torch.Tensor], **static):
