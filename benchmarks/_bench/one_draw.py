@@ -13,7 +13,7 @@ op keeps forward's ``W + E`` for backward (one draw; costs one ``W + E`` per lay
 backward: ``kept_bytes``), also paired against ``flat-exact`` directly; with ``inductor=True`` (issue 22) also
 ``flat-exact inductor``: the default two draws with the noise backend ``"inductor"`` (the GPU kernel's Philox
 draw compiled for CPU, `flatlora._cpu_philox`; its compilation happens in the warm-up round and is timed
-separately, ``compile_s``), paired against ``flat-exact`` too. The noise inside each Flat-LoRA step is timed
+separately, ``compile_s``), paired against ``flat-exact`` too, and ``flat-exact one draw inductor``, both levers. The noise inside each Flat-LoRA step is timed
 too (all ``add_filter_noise`` calls).
 """
 
@@ -80,7 +80,8 @@ def compare(name: str, rounds: int, warmup: int = 1, inductor: bool = False) -> 
     flat_keep = keeping(FlatLora(model, FlatLoraConfig(rho=0.05), total_steps=total))
     original = noise.add_filter_noise
     timer = timing.TimedCalls()
-    noise_ms: dict[str, list[float]] = {"flat-exact": [], "flat-exact one draw": [], "flat-exact inductor": []}
+    noise_ms: dict[str, list[float]] = {n: [] for n in ("flat-exact", "flat-exact one draw", "flat-exact inductor",
+                                                         "flat-exact one draw inductor")}
     compile_s = []
 
     def lora(t: int) -> None:
@@ -110,6 +111,7 @@ def compare(name: str, rounds: int, warmup: int = 1, inductor: bool = False) -> 
              "flat-exact one draw": flat_step("flat-exact one draw", flat_keep)}
     if inductor:
         steps["flat-exact inductor"] = flat_step("flat-exact inductor", flat, "inductor")
+        steps["flat-exact one draw inductor"] = flat_step("flat-exact one draw inductor", flat_keep, "inductor")
     counter = timing.StepCounter(list(steps), total)
     times = timing.run_rounds(steps, counter, rounds=rounds, warmup=warmup, device=torch.device("cpu"))
     ref = times["lora"]
