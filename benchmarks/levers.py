@@ -27,6 +27,9 @@ clock otherwise (with several threads the CPU clock would count the parallel str
 * issue 15, ``--one-draw-rounds``: inside real steps of BERT 6x384 with LoRA on all linear layers and of
   EfficientNet-Lite0 with LoRA on its 1x1 convs (``_bench/one_draw.py``): the default two draws per layer
   and micro-batch against ``NoiseSpec(keep=True)`` (forward's ``W + E`` kept for backward). An opt-in.
+* issue 22, ``--inductor-draw``: the GPU kernel's Philox draw compiled for CPU by inductor (noise backend
+  ``"inductor"``, `flatlora._cpu_philox`): ``W + E`` alone (micro) and, with ``--one-draw-rounds``, inside the
+  same real steps as a fourth variant, paired against torch's generator.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from flatlora import FlatLora, FlatLoraConfig  # noqa: E402
+from flatlora import FlatLora, FlatLoraConfig, _cpu_philox  # noqa: E402
 import flatlora.noise as noise  # noqa: E402
 from flatlora.noise import add_filter_noise, row_scale  # noqa: E402
 
@@ -101,7 +104,7 @@ def _parallel_streams(w: torch.Tensor, scale: torch.Tensor, seed: int, *, subtra
     return out
 
 
-def micro(shapes: list[int], repeats: int, clock, hash_draw: bool = False) -> list[dict]:
+def micro(shapes: list[int], repeats: int, clock, hash_draw: bool = False, inductor: bool = False) -> list[dict]:
     rows = []
     for n in shapes:
         gen = torch.Generator().manual_seed(0)
@@ -126,6 +129,9 @@ def micro(shapes: list[int], repeats: int, clock, hash_draw: bool = False) -> li
         }
         if hash_draw:  # issue 15: a counter-based draw fused and vectorised by inductor (_bench/hash_draw.py)
             cands["W+E counter hash, compiled"] = lambda: hash_draw_mod.compiled()(w, scale, 12345)
+        if inductor:  # issue 22: the Triton kernel's Philox draw compiled for CPU (flatlora._cpu_philox)
+            cands["W+E Philox, inductor"] = lambda: _cpu_philox.add_noise(w, scale, 1)
+            cands["W+E bf16 Philox, inductor"] = lambda: _cpu_philox.add_noise(wb, scale, 1)
         rows.append({"shape": [n, n], "ms": _interleaved(cands, repeats, clock)})
     return rows
 
@@ -242,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--in-step-rounds", type=int, default=10, help="steps per draw of the in-step test (0: skip)")
     p.add_argument("--model", default="minilm", choices=sorted(PRESETS), help="model of the step tests")
     p.add_argument("--hash-draw", action="store_true", help="also time the compiled counter-based draw")
+    p.add_argument("--inductor-draw", action="store_true",
+                   help="also time the noise backend 'inductor' (the GPU's Philox draw compiled for CPU)")
     p.add_argument("--one-draw-rounds", type=int, default=0,
                    help="rounds of the one-draw-per-step comparison inside real steps (0: skip)")
     p.add_argument("--one-draw-models", nargs="+", default=["bert-all", "effnet"], choices=["bert-all", "effnet"])
@@ -256,13 +264,14 @@ def main(argv: list[str] | None = None) -> int:
                        "threads": torch.get_num_threads(), "torch": torch.__version__,
                        "clock": "process CPU time" if one else "wall time",
                        "loadavg_start": "/".join(f"{x:.1f}" for x in os.getloadavg())}}
-    result["micro"] = micro(args.shapes, args.repeats, clock, args.hash_draw)
+    result["micro"] = micro(args.shapes, args.repeats, clock, args.hash_draw, args.inductor_draw)
     if args.micro_batch_rounds:
         result["micro_batches"] = micro_batches(args.model, args.micro_batch_rounds, 4, 32, 64)
     if args.in_step_rounds:
         result["in_step"] = in_step(args.model, args.in_step_rounds, 32, 64)
     if args.one_draw_rounds:
-        result["one_draw"] = [one_draw.compare(m, args.one_draw_rounds) for m in args.one_draw_models]
+        result["one_draw"] = [one_draw.compare(m, args.one_draw_rounds, inductor=args.inductor_draw)
+                              for m in args.one_draw_models]
     result["meta"]["loadavg_end"] = "/".join(f"{x:.1f}" for x in os.getloadavg())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

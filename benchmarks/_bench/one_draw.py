@@ -10,13 +10,18 @@ Models (random data, seeded; timings do not depend on the values):
 Variants, in interleaved rounds with paired ratios to LoRA: ``lora``; ``flat-exact`` (E drawn in forward and
 again in backward: the default); ``flat-exact one draw``: ``keep_noisy_weight=True`` (`keeping`), so the exact
 op keeps forward's ``W + E`` for backward (one draw; costs one ``W + E`` per layer held from its forward to its
-backward: ``kept_bytes``), also paired against ``flat-exact`` directly. The noise inside each Flat-LoRA step is
-timed too (all ``add_filter_noise`` calls).
+backward: ``kept_bytes``), also paired against ``flat-exact`` directly; with ``inductor=True`` (issue 22) also
+``flat-exact inductor``: the default two draws with the noise backend ``"inductor"`` (the GPU kernel's Philox
+draw compiled for CPU, `flatlora._cpu_philox`; its compilation happens in the warm-up round and is timed
+separately, ``compile_s``), paired against ``flat-exact`` too, and ``flat-exact one draw inductor``, both levers. The noise inside each Flat-LoRA step is timed
+too (all ``add_filter_noise`` calls).
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
+import time
 from types import SimpleNamespace
 
 import torch
@@ -65,8 +70,9 @@ def build(name: str, seed: int = 0) -> tuple[nn.Module, dict, callable]:
     raise ValueError(f"unknown model {name!r}; bert-all or effnet")
 
 
-def compare(name: str, rounds: int, warmup: int = 1) -> dict:
-    """Paired step times of lora / flat-exact / flat-exact one draw, and the noise milliseconds per step."""
+def compare(name: str, rounds: int, warmup: int = 1, inductor: bool = False) -> dict:
+    """Paired step times of lora / flat-exact / flat-exact one draw (/ flat-exact inductor), and the noise
+    milliseconds per step."""
     model, batch, loss = build(name)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     total = warmup + rounds + 1
@@ -74,22 +80,28 @@ def compare(name: str, rounds: int, warmup: int = 1) -> dict:
     flat_keep = keeping(FlatLora(model, FlatLoraConfig(rho=0.05), total_steps=total))
     original = noise.add_filter_noise
     timer = timing.TimedCalls()
-    noise_ms: dict[str, list[float]] = {"flat-exact": [], "flat-exact one draw": []}
+    noise_ms: dict[str, list[float]] = {n: [] for n in ("flat-exact", "flat-exact one draw", "flat-exact inductor",
+                                                         "flat-exact one draw inductor")}
+    compile_s = []
 
     def lora(t: int) -> None:
         loss(model, batch).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def flat_step(label: str, engine: FlatLora):
+    def flat_step(label: str, engine: FlatLora, backend: str | None = None):
         def step(t: int) -> None:
             noise.add_filter_noise = timer.wrap(original)  # NoiseSpec.add_to looks it up at call time
             timer.seconds = 0.0
+            t0 = time.perf_counter()
             try:
-                with engine.perturbed(t):
-                    loss(model, batch).backward()
+                with contextlib.nullcontext() if backend is None else noise.use_backend(backend):
+                    with engine.perturbed(t):
+                        loss(model, batch).backward()
             finally:
                 noise.add_filter_noise = original
+            if backend is not None and not compile_s:  # the first step compiles each layer shape's draw
+                compile_s.append(time.perf_counter() - t0)
             noise_ms[label].append(1e3 * timer.seconds)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -97,6 +109,9 @@ def compare(name: str, rounds: int, warmup: int = 1) -> dict:
 
     steps = {"lora": lora, "flat-exact": flat_step("flat-exact", flat),
              "flat-exact one draw": flat_step("flat-exact one draw", flat_keep)}
+    if inductor:
+        steps["flat-exact inductor"] = flat_step("flat-exact inductor", flat, "inductor")
+        steps["flat-exact one draw inductor"] = flat_step("flat-exact one draw inductor", flat_keep, "inductor")
     counter = timing.StepCounter(list(steps), total)
     times = timing.run_rounds(steps, counter, rounds=rounds, warmup=warmup, device=torch.device("cpu"))
     ref = times["lora"]
@@ -113,6 +128,13 @@ def compare(name: str, rounds: int, warmup: int = 1) -> dict:
         if n in noise_ms:  # warm-up steps dropped
             out["variants"][n]["noise_ms"] = statistics.median(noise_ms[n][warmup:])
     one, two = times["flat-exact one draw"], times["flat-exact"]
+    if inductor:
+        ind = times["flat-exact inductor"]
+        out["compile_s"] = compile_s[0]
+        out["inductor_vs_torch"] = {"paired_wall": timing.paired_ratio(ind["wall"], two["wall"]),
+                                    "paired_ci95_wall": timing.paired_ratio_ci(ind["wall"], two["wall"]),
+                                    "paired_cpu": timing.paired_ratio(ind["cpu"], two["cpu"]),
+                                    "paired_ci95_cpu": timing.paired_ratio_ci(ind["cpu"], two["cpu"])}
     out["one_vs_two"] = {"paired_wall": timing.paired_ratio(one["wall"], two["wall"]),
                          "paired_ci95_wall": timing.paired_ratio_ci(one["wall"], two["wall"]),
                          "paired_cpu": timing.paired_ratio(one["cpu"], two["cpu"]),
@@ -134,4 +156,10 @@ def render(rows: list[dict]) -> list[str]:
         (lw, hw), (lc, hc) = o["paired_ci95_wall"], o["paired_ci95_cpu"]
         lines.append(f"| {label} | one draw / two draws | - | {o['paired_wall']:.3f} [{lw:.3f}-{hw:.3f}] | "
                      f"{o['paired_cpu']:.3f} [{lc:.3f}-{hc:.3f}] | kept: {r['kept_bytes'] / 2**20:.1f} MiB |")
+        if "inductor_vs_torch" in r:
+            o = r["inductor_vs_torch"]
+            (lw, hw), (lc, hc) = o["paired_ci95_wall"], o["paired_ci95_cpu"]
+            lines.append(f"| {label} | inductor / torch draw | - | {o['paired_wall']:.3f} [{lw:.3f}-{hw:.3f}] | "
+                         f"{o['paired_cpu']:.3f} [{lc:.3f}-{hc:.3f}] | first step (compiles): "
+                         f"{r['compile_s']:.1f} s |")
     return lines

@@ -18,11 +18,15 @@ other cores busy (docs/cost.md gives the measurements, benchmarks/levers.py the 
 
 On CUDA, when Triton is importable, one kernel draws ``E`` and writes ``W + E`` (or ``W - E``, or ``E`` alone)
 in one pass from a counter-based generator (Philox keyed by the 63-bit seed, counter = the element's
-(row, column)): `flatlora._triton_noise` holds the exact definition. Elsewhere, or with
-``FLATLORA_NOISE_BACKEND=torch`` / `set_backend` ``("torch")``, torch's generators draw it (the fallback). The
-two backends draw different samples of the same distribution, each deterministic for a seed: CPU runs and
-CUDA runs with or without Triton are not sample-for-sample comparable. `backend_for` says which one a device
-uses; change it only between optimizer steps (forward and backward of a step must draw alike).
+(row, column)): `flatlora._triton_noise` holds the exact definition. With ``FLATLORA_NOISE_BACKEND=inductor`` /
+`set_backend` ``("inductor")`` CPU tensors draw that same Philox ``E`` (to the last bit or two of ``log``/``cos``)
+from a loop compiled by ``torch.compile``'s inductor (`flatlora._cpu_philox`; an opt-in: no faster than torch's
+generator at one thread, compiled once per layer shape, docs/cost.md). Elsewhere, or with
+``FLATLORA_NOISE_BACKEND=torch`` / `set_backend` ``("torch")``, torch's generators draw it (the fallback). Philox
+and torch's generators draw different samples of the same distribution, each deterministic for a seed: runs on
+torch's generators (CPU by default, CUDA without Triton) are not sample-for-sample comparable with Philox runs.
+`backend_for` says which one a device uses; change it only between optimizer steps (forward and backward of a
+step must draw alike).
 """
 
 from __future__ import annotations
@@ -40,7 +44,10 @@ from typing import Iterator
 import torch
 
 _LOCAL = threading.local()  # this library's generators, per thread: concurrent draws never share one
-_BACKENDS = ("auto", "torch", "triton")
+_BACKENDS = ("auto", "torch", "triton", "inductor")
+# what "auto" draws with on CPU: "torch" (mt19937) or "inductor" (the Triton kernel's Philox, compiled; see
+# docs/cost.md for why it is not the default yet)
+_AUTO_CPU = "torch"
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -51,14 +58,16 @@ def _env_backend() -> str:
     return name
 
 
-_state = {"backend": _env_backend(), "probed": {}}
+_state = {"backend": _env_backend(), "probed": {}, "errors": {}}
 
 
 def set_backend(name: str) -> str:
     """Choose how noise is drawn; returns the previous choice. ``"auto"`` (default, or the environment variable
     ``FLATLORA_NOISE_BACKEND``): the Triton kernel on CUDA when triton imports and runs, torch's generators
     elsewhere; ``"torch"``: torch everywhere; ``"triton"``: the kernel everywhere (CPU tensors only under
-    ``TRITON_INTERPRET=1``, for tests). Change it between optimizer steps only."""
+    ``TRITON_INTERPRET=1``, for tests); ``"inductor"``: on CPU tensors the kernel's Philox draw compiled by
+    ``torch.compile``'s inductor (`flatlora._cpu_philox`: the GPU's samples on CPU; needs a C++ compiler, an
+    error without one), other devices as under ``"auto"``. Change it between optimizer steps only."""
     if name not in _BACKENDS:
         raise ValueError(f"noise backend {name!r}; choose one of {', '.join(_BACKENDS)}")
     previous, _state["backend"] = _state["backend"], name
@@ -86,25 +95,52 @@ def _triton_module():
     return _state["module"]
 
 
-def _kernel_runs(mod, device: torch.device) -> bool:
-    """Whether the kernel compiles and runs on ``device`` (tried once per device: `_triton_noise.probe`): in ``"auto"``
-    a failure warns and leaves the device on torch's generators for the whole process, so forward and
-    backward never draw with different backends."""
-    key = str(device)
+def _cpu_module():
+    """`flatlora._cpu_philox` (imported on first use only: it loads nothing heavy until it compiles)."""
+    from . import _cpu_philox
+
+    return _cpu_philox
+
+
+def _name(mod) -> str:
+    """The backend name of a kernel module: ``"inductor"`` for `flatlora._cpu_philox`, else ``"triton"``."""
+    return "inductor" if getattr(mod, "__name__", "") == "flatlora._cpu_philox" else "triton"
+
+
+def _kernel_runs(mod, device: torch.device, *, forced: bool = False) -> bool:
+    """Whether the kernel compiles and runs on ``device`` (tried once per device and kernel, on a tiny draw): in
+    ``"auto"`` a failure warns and leaves the device on torch's generators for the whole process, so forward and
+    backward never draw with different backends; a ``forced`` backend raises instead."""
+    name = _name(mod)
+    key = str(device) if name == "triton" else f"{device}:{name}"
     if key not in _state["probed"]:
         try:
             mod.probe(device)
             _state["probed"][key] = True
         except Exception as exc:  # no driver, no compiler: stay on torch
-            warnings.warn(f"flatlora: the Triton noise kernel failed on {device} ({exc!r}); drawing with torch")
-            _state["probed"][key] = False
+            _state["probed"][key], _state["errors"][key] = False, exc
+            if not forced:
+                warnings.warn(f"flatlora: the {name} noise kernel failed on {device} ({exc!r}); drawing with torch")
+    if forced and not _state["probed"][key]:
+        exc = _state["errors"].get(key)
+        raise RuntimeError(f"noise backend {_state['backend']!r}: the {name} noise kernel failed on {device} "
+                           f"({exc!r}); inductor needs a C++ compiler (g++ or clang++), or choose "
+                           "FLATLORA_NOISE_BACKEND=torch") from exc
     return _state["probed"][key]
 
 
 def _kernel(device: torch.device, dtype: torch.dtype | None):
-    """The Triton module if it draws for (``device``, ``dtype``), else None (see `set_backend`)."""
+    """The kernel module that draws for (``device``, ``dtype``) (`flatlora._triton_noise` or
+    `flatlora._cpu_philox`), or None for torch's generators (see `set_backend`)."""
     name = _state["backend"]
-    if name == "torch" or (name == "auto" and device.type != "cuda") or dtype not in _KERNEL_DTYPES:
+    if name == "torch" or dtype not in _KERNEL_DTYPES:
+        return None
+    if device.type == "cpu" and (name == "inductor" or (name == "auto" and _AUTO_CPU == "inductor")):
+        mod = _cpu_module()
+        return mod if _kernel_runs(mod, device, forced=name == "inductor") else None
+    if name == "inductor":  # other devices as under "auto": on CUDA the Triton kernel draws the same numbers
+        name = "auto"
+    if name == "auto" and device.type != "cuda":
         return None
     mod = _triton_module()
     if name == "triton":
@@ -118,8 +154,10 @@ def _kernel(device: torch.device, dtype: torch.dtype | None):
 
 
 def backend_for(device: torch.device | str, dtype: torch.dtype = torch.float32) -> str:
-    """``"triton"`` or ``"torch"``: which draws ``E`` for a weight of ``dtype`` on ``device`` now."""
-    return "triton" if _kernel(torch.device(device), dtype) is not None else "torch"
+    """``"triton"``, ``"inductor"`` or ``"torch"``: which draws ``E`` for a weight of ``dtype`` on ``device``
+    now (the first two draw the same Philox samples; torch's generators others)."""
+    mod = _kernel(torch.device(device), dtype)
+    return "torch" if mod is None else _name(mod)
 
 
 def layer_seed(seed: int, step: int, rank: int, layer: int) -> int:
