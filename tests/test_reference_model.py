@@ -59,14 +59,14 @@ def test_disabled_adapters_compute_the_clean_model_inside_a_step(kind, ref_first
 def test_the_policy_sees_the_same_noise_whether_the_reference_runs_first(monkeypatch):
     """Under FSDP2 a layer's noise scale is taken at its first forward of the step (simulated: every layer
     reported sharded). A reference forward first must not take it from W0 alone (adapters disabled)."""
-    import flatlora._fsdp
+    import flatlora._sharding
 
     batch = batch_for("llama")
     out = {}
     for ref_first in (False, True):
         model = llama_model().eval()
         flat = FlatLora(model, FlatLoraConfig(rho=0.5), total_steps=T)
-        monkeypatch.setattr(flatlora._fsdp, "sharded", lambda target: True)
+        monkeypatch.setattr(flatlora._sharding, "sharded", lambda target: True)
         with flat.perturbed(T):
             if ref_first:
                 reference(model, batch)

@@ -37,6 +37,7 @@ def test_imports_no_unsloth():
 def test_finds_every_kernel_with_the_layers_it_reads():
     model = us.peft_decoder()
     assert fused_lora_paths(model) == []
+    targets = set(FlatLora(model).targets)
     assert us.patch_peft_model(model) == 6
     paths = fused_lora_paths(model)
     got = {(p.module.rpartition("layers.")[2], p.attribute, p.kernel) for p in paths}
@@ -46,19 +47,27 @@ def test_finds_every_kernel_with_the_layers_it_reads():
     qkv = next(p for p in paths if p.attribute == "apply_qkv")
     assert qkv.layers == tuple(f"{qkv.module}.{n}" for n in ("q_proj", "k_proj", "v_proj"))
     assert all(p.stack == "Unsloth" and p.key is None and not p.on_class for p in paths)
-    assert {n for p in paths for n in p.layers} == set(FlatLora(model).targets)  # every LoRA layer is read
+    assert {n for p in paths for n in p.layers} == targets  # every LoRA layer is read
 
 
 def test_fused_paths_bypass_the_noise_and_are_refused():
-    """The failure the check exists for: under perturbed(t) the fused model computes exactly its clean output."""
+    """The failure the check exists for: under perturbed(t) the fused model computes exactly its clean output.
+    FlatLora refuses such a model when it is built; one patched after FlatLora was built fails its first step
+    (the bypass guard: no layer ran perturbed)."""
     model = us.peft_decoder()
+    flat = FlatLora(model, FlatLoraConfig(rho=0.5, seed=3), total_steps=2)  # built before Unsloth patches
     us.patch_peft_model(model)
-    flat = FlatLora(model, FlatLoraConfig(rho=0.5, seed=3), total_steps=2)
-    torch.testing.assert_close(_out(model, flat, 2), _out(model), rtol=0, atol=0)
+    clean = _out(model)
+    with pytest.raises(RuntimeError, match="no layer|none of"):
+        with flat.perturbed(2):
+            noisy = model(IDS)["logits"]
+    torch.testing.assert_close(noisy, clean, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"14 perturbed LoRA layers .*Unsloth's apply_lora_mlp_swiglu.*"
                                          r"flatlora\.integrations\.unsloth\.prepare\(model\)") as err:
         check_fused_paths(model, flat.targets)
     assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match=r"14 perturbed LoRA layers .*prepare\(model\)"):
+        FlatLora(model, FlatLoraConfig(rho=0.5, seed=3), total_steps=2)  # built after: refused at once
     with pytest.raises(ValueError, match="prepare"):
         fl_unsloth.check(model)
 
@@ -114,10 +123,10 @@ def test_class_level_swiglu_is_replaced_per_instance():
     paths = fused_lora_paths(model)
     assert [(p.attribute, p.on_class, p.kernel) for p in paths] == [
         ("forward", True, f"{us.LLAMA}.fast_swiglu_inference")] * 2
-    flat = FlatLora(model, FlatLoraConfig(rho=0.5), total_steps=1)
     with pytest.raises(ValueError, match="fast_swiglu_inference"):
-        check_fused_paths(model, flat.targets)
+        FlatLora(model, FlatLoraConfig(rho=0.5), total_steps=1)
     fl_unsloth.prepare(model)
+    flat = FlatLora(model, FlatLoraConfig(rho=0.5), total_steps=1)
     assert fused_lora_paths(model) == []
     flat_twin = FlatLora(twin, FlatLoraConfig(rho=0.5), total_steps=1)
     torch.testing.assert_close(_out(model, flat, 1), _out(twin, flat_twin, 1), rtol=0, atol=0)
