@@ -6,7 +6,6 @@ on the structure and on relations that hold whatever the machine: quartiles arou
 itself, peak memory at least what is held, one table row per measured variant.
 """
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,16 +13,15 @@ from pathlib import Path
 
 import pytest
 
+from kit.scripts import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "overhead.py"
 VARIANTS = {"lora", "flat-exact", "flat-inplace", "lora-sam", "bi-lora", "eflat-lora", "alora"}
 
 
 def _load(script=SCRIPT):
-    spec = importlib.util.spec_from_file_location(f"flatlora_bench_{script.stem}", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark(script.stem)
 
 
 @pytest.fixture(scope="module")

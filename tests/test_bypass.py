@@ -228,15 +228,6 @@ def test_normal_paths_stay_silent(path):
 
 
 # --- torch.compile: the traced Python runs once, the custom op at every call ---------------------------------
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
-    counters.clear()
-
-
 def test_a_compiled_model_stays_silent_for_several_steps_without_new_graphs(fresh_dynamo):
     model = toy_model()
     flat = FlatLora(model, FlatLoraConfig(rho=0.5), total_steps=T)

@@ -18,15 +18,7 @@ from kit.compare import base_state, lora_grads
 from kit.models import batch_for, gpt2_model, loss_of, toy_model
 
 T = 4
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
-    counters.clear()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # every test counts graphs from zero (tests/conftest.py)
 
 
 class ConvNet(nn.Module):

@@ -5,7 +5,6 @@ caps and fail-fast. Nothing here times anything or needs a GPU."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,16 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from kit.scripts import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # benchmarks/_bench
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("flatlora_bench_gpu_overhead",
-                                                  ROOT / "benchmarks" / "gpu_overhead.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu_overhead")
 
 
 def test_the_1b_model_is_llama_3_2_1b_shaped_with_lora_on_every_linear_layer():

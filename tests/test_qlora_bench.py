@@ -5,7 +5,6 @@ on any machine (quartiles around medians, ratios from the medians, the interval 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -16,16 +15,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # benchmarks/_bench
 
 from _bench import qlora  # noqa: E402
+from kit.scripts import load_benchmark  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gpu_bench():
-    spec = importlib.util.spec_from_file_location("flatlora_bench_gpu_overhead_qlora",
-                                                  ROOT / "benchmarks" / "gpu_overhead.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu_overhead", "flatlora_bench_gpu_overhead_qlora")
 
 
 def test_the_two_stacks_hold_the_same_weights_on_their_bases():

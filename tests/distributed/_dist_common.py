@@ -98,3 +98,15 @@ def micro_batch(step: int, j: int, size: int = 4, lm: bool = False) -> dict[str,
     rows = [example(1000 * step + size * j + i) for i in range(size)]
     ids = torch.stack([r["input_ids"] for r in rows])
     return {"input_ids": ids, "labels": ids.clone() if lm else torch.stack([r["labels"] for r in rows])}
+
+
+def record_micro_losses(model: torch.nn.Module, trainer) -> dict[tuple, float]:
+    """A dict the model's loss of each micro-batch (before the Trainer rescales it) is written into while
+    ``trainer`` trains, keyed by (optimizer step, the micro-batch's input ids)."""
+    losses: dict[tuple, float] = {}
+
+    def record(module, inputs, kwargs, output):
+        losses[(trainer.state.global_step + 1, tuple(kwargs["input_ids"].flatten().tolist()))] = output["loss"].item()
+
+    model.register_forward_hook(record, with_kwargs=True)
+    return losses

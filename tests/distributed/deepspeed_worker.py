@@ -20,7 +20,7 @@ import traceback
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from _dist_common import example, save_rank
+from _dist_common import example, record_micro_losses, save_rank
 from flatlora import FlatLora, FlatLoraCallback, FlatLoraConfig
 from kit.models import dist_bert, dist_llama
 
@@ -101,13 +101,7 @@ def run(backend: str, world: int) -> dict:
             train_sampling_strategy="sequential", dataloader_num_workers=0, disable_tqdm=True)
         data = [(lm_example if dora else example)(i) for i in range(BATCH * ACCUM * MAX_STEPS * world)]
         trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[rec, flat_cb])
-        micro_losses = {}
-
-        def record_loss(module, inputs, kwargs, output):
-            micro_losses[(trainer.state.global_step + 1, tuple(kwargs["input_ids"].flatten().tolist()))] = \
-                output["loss"].item()
-
-        model.register_forward_hook(record_loss, with_kwargs=True)
+        micro_losses = record_micro_losses(model, trainer)
         trainer.train()
         # outside forward, on every rank (ZeRO-3: gathers each layer for its norms)
         specs = {tg.name: (spec.seed, spec.scale.clone(), spec.shape) for tg, spec in

@@ -14,7 +14,7 @@ import tempfile
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from _dist_common import example, save_rank
+from _dist_common import example, record_micro_losses, save_rank
 from ddp_worker import adapters, base_state, probe_noise
 from flatlora import FlatLoraCallback, FlatLoraConfig
 from kit.adapters import lora_layers
@@ -64,14 +64,7 @@ def run(world: int, accum: int, same_noise: bool) -> dict:
             train_sampling_strategy="sequential", dataloader_num_workers=0, disable_tqdm=True)
         data = [example(i) for i in range(N)]
         trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[rec, flat_cb])
-        micro_losses = {}
-
-        def record_loss(module, inputs, kwargs, output):
-            """The model's loss of each micro-batch (before the Trainer rescales it), keyed by (step, its ids)."""
-            micro_losses[(trainer.state.global_step + 1, tuple(kwargs["input_ids"].flatten().tolist()))] = \
-                output["loss"].item()
-
-        model.register_forward_hook(record_loss, with_kwargs=True)
+        micro_losses = record_micro_losses(model, trainer)
         trainer.train()
     return dict(world=trainer.args.world_size, max_steps=trainer.state.max_steps, steps=rec.steps,
                 clean_begin=rec.clean_begin, perturbed_pre_opt=rec.perturbed_pre_opt, clean_pre_opt=rec.clean_pre_opt,
