@@ -98,3 +98,14 @@ def test_a_resumed_run_continues_with_the_saved_gates(tmp_path):
     with pytest.raises(ValueError, match="alora_state.json' is missing"):
         _trainer(lost, train4, val4, tmp_path / "cut", [ALoRACallback(CFG, [val4])]).train(
             resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-8"))
+
+
+def test_a_run_too_short_for_any_round_warns(tmp_path):
+    model, train, val = _setup()
+    short = ALoRAConfig(init_rank=2, warmup_steps=T, interval_steps=3, rounds=3, ranks_per_round=2)
+    callback = ALoRACallback(short, [val])
+    with pytest.warns(RuntimeWarning, match=r"none of the round steps \[12, 15, 18\] .* lower warmup_steps"):
+        _trainer(model, train, val, tmp_path, [callback]).train()
+    assert callback.alora.history[0].step == T  # the one round at the last step: nothing trains after it
+    saved = json.loads((tmp_path / "alora_state.json").read_text())
+    assert [r["step"] for r in saved["history"]] == [T]

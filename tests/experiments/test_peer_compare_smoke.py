@@ -38,7 +38,9 @@ def test_peer_methods_smoke(tmp_path, monkeypatch, threads):
     # Bi-LoRA: the auxiliary adapter is not in the saved adapter
     saved = load_file(tmp_path / "bi-lora" / "seed0" / "adapter" / "adapter_model.safetensors")
     assert saved and not any("bilora_aux" in k for k in saved)
-    for method in ("alora", "alora+flat"):
+    for method in ("alora", "alora+flat"):  # run.json records the round after step 3 and the final ranks
+        rec = runs[method]["alora"]
+        assert [r["step"] for r in rec["rounds"]] == [3] and sum(rec["ranks"].values()) == 8 * 12
         adapter = tmp_path / method / "seed0" / "adapter"
         config = json.loads((adapter / "adapter_config.json").read_text())
         ranks = {m: config["rank_pattern"].get(m.replace(".", "\\."), config["r"]) for m in config["target_modules"]}
@@ -52,3 +54,11 @@ def test_peer_methods_smoke(tmp_path, monkeypatch, threads):
         task = get_task("text")
         acc = task.evaluate(loaded.model, task.splits(cfg).test, cfg)["accuracy"]
         assert acc == pytest.approx(runs[method]["metrics"]["test_accuracy"])
+
+
+def test_alora_run_of_one_epoch_warns_and_records_no_round(tmp_path, threads):
+    cfg = preset("smoke", methods=["alora"], seeds=[0], max_steps=3, threads=threads)  # 3 steps = one epoch
+    with pytest.warns(RuntimeWarning, match="no reallocation round"):
+        compare(cfg, out=tmp_path, progress=False, echo=False)
+    rec = json.loads((tmp_path / "alora" / "seed0" / "run.json").read_text())["alora"]
+    assert rec["rounds"] == [] and set(rec["ranks"].values()) == {8}

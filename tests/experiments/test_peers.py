@@ -2,6 +2,7 @@
 update written here from its equations (a functional two-layer network, no flatlora code), with plain SGD so
 that the update is exactly the paper's ``theta <- theta -/+ eta * gradient``."""
 
+import json
 import math
 
 import pytest
@@ -227,3 +228,43 @@ def test_bi_lora_primary_is_loras_initial_adapter_and_alora_is_gated():
     assert set(active_ranks(alora).values()) == {4}
     layer = alora.base_model.model.fc1
     assert layer.r["default"] == 8 and layer.scaling["default"] == lora.base_model.model.fc1.scaling["default"]
+
+
+def _alora_method(total_steps, steps_per_epoch):
+    from flatlora.experiments import ExperimentConfig
+
+    model = build_peft_model(_Task(), ExperimentConfig(methods=["lora"]), "alora", 2, seed=3, total_steps=total_steps,
+                             train_batches=list)
+    held = _batches()[:1]
+    return Method(get_method("alora"), model, _loss, total_steps=total_steps, seed=0, rho=0, sam_rho=0, sam_w_rho=0,
+                  heldout=lambda: held, steps_per_epoch=steps_per_epoch)
+
+
+def _train(runner, steps):
+    opt = torch.optim.AdamW([p for p in runner.model.parameters() if p.requires_grad], lr=0.05)
+    batches = _batches()
+    for t in range(1, steps + 1):
+        runner.grads(t, batches[(t - 1) % len(batches)])
+        opt.step()
+        runner.after_step(t, opt)
+        opt.zero_grad(set_to_none=True)
+    return runner.record()["alora"]
+
+
+def test_alora_warns_when_no_round_fits_and_records_its_rounds():
+    with pytest.warns(RuntimeWarning, match=r"no reallocation round .* train for more than one epoch"):
+        short = _alora_method(total_steps=4, steps_per_epoch=4)  # K1 = one epoch = every step of the run
+    rec = _train(short, 4)
+    assert rec["rounds"] == [] and rec["scheduled_steps"] == [] and rec["ranks"] == {"base_model.model.fc1": 2,
+                                                                                      "base_model.model.fc2": 2}
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a run long enough for rounds does not warn
+        longer = _alora_method(total_steps=8, steps_per_epoch=4)
+    rec = _train(longer, 8)
+    # K1 = 4 steps, K2 = 0.25 epoch = 1 step, rounds only where steps follow: after steps 4, 5, 6, 7
+    assert [r["step"] for r in rec["rounds"]] == rec["scheduled_steps"] == [4, 5, 6, 7]
+    assert all(len(r["pruned"]) == len(r["opened"]) == 2 for r in rec["rounds"])
+    assert sum(rec["ranks"].values()) == 4 and rec["ranks"] == longer.alora.ranks()
+    assert json.loads(json.dumps(rec)) == rec  # goes into run.json as it is

@@ -17,6 +17,7 @@ Checkpoints: ``alora_state.json`` (gates and rounds, `ALoRA.state_dict`) is writ
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -50,6 +51,11 @@ class ALoRACallback(TrainerCallback):
         device = next(p.device for p in model.parameters())
         batches = [_to(b, device) for b in self.batches]
         self.alora = ALoRA(model, self.config, batches, self.loss_fn)
+        steps = self.config.round_steps()
+        if state.max_steps > 0 and not any(s < state.max_steps for s in steps):
+            warnings.warn(f"ALoRA: none of the round steps {steps} falls before the run's last step "
+                          f"{state.max_steps}, so no rank is reallocated with training after it; lower warmup_steps "
+                          f"(now {self.config.warmup_steps}) or train longer", RuntimeWarning, stacklevel=2)
         if state.global_step > 0:
             saved = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" / STATE_NAME
             if not saved.is_file():

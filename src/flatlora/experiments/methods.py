@@ -28,6 +28,7 @@ optimizer and the schedule, calls `Method.after_step`, and zeroes the gradients;
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -116,11 +117,19 @@ def heldout_examples(task: Any, cfg: Any, n: int | None = None) -> Any:
 
 def alora_config(rank: int, total_steps: int, steps_per_epoch: int, seed: int) -> Any:
     """The paper's schedule in steps: warm-up 1 epoch (K1), a round every 0.25 epoch (K2), at most 8 rounds
-    (N_A), only rounds that leave training steps after them; ``ranks_per_round`` = one per module kind."""
+    (N_A), only rounds that leave training steps after them; ``ranks_per_round`` = one per module kind.
+
+    A run of one epoch or less leaves no round: a ``RuntimeWarning`` says so (the run is plain LoRA on the gated
+    ``2r`` network, its gates never move), and run.json records ``alora.rounds == []``."""
     from ..alora import ALoRAConfig
 
     warm, every = max(1, steps_per_epoch), max(1, round(0.25 * steps_per_epoch))
     rounds = sum(1 for k in range(8) if warm + k * every < total_steps)
+    if rounds == 0:
+        warnings.warn(f"ALoRA: {total_steps} training steps leave no reallocation round (its warm-up K1 is one epoch "
+                      f"= {warm} steps, and a round needs steps after it), so this run is plain LoRA on the gated "
+                      f"network with its initial ranks; train for more than one epoch (epochs > 1 or max_steps > "
+                      f"{warm})", RuntimeWarning, stacklevel=2)
     return ALoRAConfig(init_rank=rank, warmup_steps=warm, interval_steps=every, rounds=rounds, seed=seed)
 
 
@@ -203,6 +212,17 @@ class Method:
             self.alora.update(t, optimizer)
         if self.bilora is not None:
             self.bilora.clip()
+
+    def record(self) -> dict[str, Any]:
+        """What run.json records of the rule beyond its radius: ALoRA's schedule, the rounds it ran (their steps
+        and moves) and the final open ranks per module (``{}`` for the other rules)."""
+        if self.alora is None:
+            return {}
+        c = self.alora.config
+        rounds = [{"round": r.round, "step": r.step, "score_full": r.score_full, "pruned": [list(x) for x in r.pruned],
+                   "opened": [list(x) for x in r.opened]} for r in self.alora.history]
+        return {"alora": {"warmup_steps": c.warmup_steps, "interval_steps": c.interval_steps,
+                          "scheduled_steps": c.round_steps(), "rounds": rounds, "ranks": self.alora.ranks()}}
 
     def finish(self) -> None:
         """Called once after the last step, before evaluation and saving: Bi-LoRA discards its auxiliary adapter."""
