@@ -174,6 +174,21 @@ def test_reopened_slots_start_fresh_and_seeded():
     with torch.no_grad():
         torch.testing.assert_close(model(**batch)["pred"], ref(**batch)["pred"], rtol=0, atol=0)
         assert (model(**batch)["pred"] - before).abs().max() > 0
+    # the next step moves a reopened B column as a fresh Adam moves it (bias correction of step 1, not of the
+    # tensor's step 2: uncorrected it would move 0.1 / 0.19 / sqrt(0.001 / 0.002) = 0.74x as far)
+    opt.zero_grad()
+    model(**batch)["loss"].backward()
+    fresh = {}
+    for name, i in report.opened:
+        b = layers[name].lora_B["default"].weight
+        col = torch.nn.Parameter(b.detach()[:, i].clone())
+        col.grad = b.grad[:, i].clone()
+        torch.optim.Adam([col], lr=1e-2).step()
+        fresh[name, i] = col.detach()
+    opt.step()
+    for (name, i), want in fresh.items():
+        assert torch.count_nonzero(want) > 0
+        torch.testing.assert_close(layers[name].lora_B["default"].weight.detach()[:, i], want, rtol=1e-5, atol=1e-8)
     assert alora.update(2, opt) is None  # one round only
 
 

@@ -17,7 +17,8 @@ A reopened slot starts like a fresh PEFT LoRA rank: its row of ``A`` is drawn Ka
 (``U(-1/sqrt(n), 1/sqrt(n))``, PEFT's ``kaiming_uniform_(a=sqrt(5))``) from a private generator keyed by
 ``(seed, round, module index, slot)``, its column of ``B`` is zero, so opening a rank does not change the
 model; the optimizer's state of that row and column (Adam's moments, ...) is zeroed when ``update`` is given
-the optimizer. Pruned slots keep their values behind a zero gate.
+the optimizer, and Adam's bias correction of the slice restarts with it (`flatlora.alora.restart`). Pruned
+slots keep their values behind a zero gate.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 
 from .gates import attach_gates, gate_of, gated_layers
+from .restart import restart_slice
 from .scores import LossFn, Plan, plan_reallocation, rank_scores
 
 
@@ -179,8 +181,8 @@ class ALoRA:
             b[:, i].zero_()
             gate_of(layer)[i] = 1.0
             if optimizer is not None:
-                _zero_state(optimizer, a, rows=i)
-                _zero_state(optimizer, b, cols=i)
+                restart_slice(optimizer, a, i)
+                restart_slice(optimizer, b, (slice(None), i))
 
     # --- checkpoints -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -202,19 +204,6 @@ class ALoRA:
         self.budget = sum(self.ranks().values())
         self.history = [RoundReport(**{**r, "pruned": tuple(map(tuple, r["pruned"])),
                                        "opened": tuple(map(tuple, r["opened"]))}) for r in state.get("history", [])]
-
-
-def _zero_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, rows: int | None = None,
-                cols: int | None = None) -> None:
-    """Zero the per-element optimizer state (same shape as ``param``) of one row or column."""
-    while not hasattr(optimizer, "state") and hasattr(optimizer, "optimizer"):  # accelerate's wrapper
-        optimizer = optimizer.optimizer
-    for value in optimizer.state.get(param, {}).values():
-        if isinstance(value, torch.Tensor) and value.shape == param.shape:
-            if rows is not None:
-                value[rows].zero_()
-            if cols is not None:
-                value[:, cols].zero_()
 
 
 __all__ = ["ALoRA", "ALoRAConfig", "RoundReport", "slot_seed"]
