@@ -196,6 +196,11 @@ def test_registry_and_pairing():
         Method(get_method("alora"), _model(), _loss, total_steps=4, seed=0, rho=0, sam_rho=0, sam_w_rho=0)
     with pytest.raises(ValueError, match="beta=0"):
         peers.EFlatLoRA(_model(), beta=0)
+    with pytest.raises(ValueError, match="norm='all' is unknown; choose 'layer'"):
+        peers.EFlatLoRA(_model(), norm="all")
+    runner = Method(get_method("eflat-lora"), _model(), _loss, total_steps=4, seed=0, rho=0, sam_rho=0, sam_w_rho=0,
+                    eflat=dict(rho=0.3, beta=1.0, schedule="constant", norm="global"))
+    assert (runner.rho, runner.eflat.beta, runner.eflat.rho_at(4), runner.eflat.norm) == (0.3, 1.0, 0.3, "global")
     with pytest.raises(ValueError, match="rho=0"):
         peers.BiLoRA(_model(aux=True), rho=0)
 
@@ -268,3 +273,36 @@ def test_alora_warns_when_no_round_fits_and_records_its_rounds():
     assert all(len(r["pruned"]) == len(r["opened"]) == 2 for r in rec["rounds"])
     assert sum(rec["ranks"].values()) == 4 and rec["ranks"] == longer.alora.ranks()
     assert json.loads(json.dumps(rec)) == rec  # goes into run.json as it is
+
+
+@pytest.mark.parametrize("norm", ["layer", "global"])
+@pytest.mark.parametrize("schedule", ["inv-sqrt", "constant"])
+def test_eflat_perturbation_size_is_the_closed_form(norm, schedule):
+    """||s Ê A|| over all layers, after steps 1..4 with beta = 1 (Ê = the newest E_B), equals
+    rho_t sqrt(sum_l ||G_l P_l||^2 / N_l^2), P_l = A_l^+ A_l the projection onto A's row space (eq. 15) and
+    N_l = ||G_l|| (norm="layer") or ||[G_1, G_2]|| (norm="global"); G_l from eq. 12 written here with the
+    normal-equation pseudo-inverses. Before the projection the perturbation's norm is rho_t per layer, or rho_t
+    in all."""
+    model = _model()
+    rule = peers.EFlatLoRA(model, rho=0.2, beta=1.0, schedule=schedule, norm=norm)
+    batches = _batches()
+    for t, batch in enumerate(batches, start=1):
+        at = [b.detach().clone() + (e if e is not None else 0) for (_, b, _), e in zip(rule.layers, rule.ema)]
+        rule.step(t, lambda: float(_loss(model, batch).backward() or 0))
+        gs, projected = [], []
+        for (a, b, s), b_t in zip(rule.layers, at):
+            a0 = a.detach()
+            g = 0.5 * (b.grad.double() @ _pinv_rows(a0).T + _pinv_cols(b_t) @ a.grad.double()) / s
+            gs.append(g)
+            projected.append(g @ _pinv_rows(a0) @ a0.double())
+        if norm == "layer":
+            n = [float(g.norm()) for g in gs]
+        else:
+            n = [math.sqrt(sum(float(g.norm()) ** 2 for g in gs))] * len(gs)
+        rho_t = 0.2 / math.sqrt(t) if schedule == "inv-sqrt" else 0.2
+        want = rho_t * math.sqrt(sum((float(p.norm()) / k) ** 2 for p, k in zip(projected, n)))
+        assert rule.size() == pytest.approx(want, rel=1e-5)
+        before = math.sqrt(sum((float(g.norm()) / k) ** 2 for g, k in zip(gs, n)))
+        assert before == pytest.approx(math.sqrt(len(gs)) if norm == "layer" else 1.0, rel=1e-9)
+        assert 0 < rule.size() <= rho_t * before * (1 + 1e-6)
+        model.zero_grad(set_to_none=True)

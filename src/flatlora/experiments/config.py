@@ -50,6 +50,18 @@ class ExperimentConfig(dio.DataclassIO):
               "each Flat-LoRA method then runs at each (labelled e.g. flat-lora-rho0.1) against one baseline run")
     sam_rho: float = dio.help_field(0.003, "rho of lora-sam, SAM on A and B (paper's best: 0.003)")
     sam_w_rho: float = dio.help_field(0.05, "rho of sam-w, SAM on the merged weight W (paper's best: 0.05)")
+    eflat_rho: float = dio.help_field(
+        0.05, "eflat-lora: rho_0 of EFlat-LoRA's full-weight perturbation (our choice: its text shows 0.05 and 0.2 "
+              "for Qwen-VL, its per-task tables were unreadable; docs/peers.md)")
+    eflat_schedule: str = dio.help_field(
+        "inv-sqrt", "eflat-lora: inv-sqrt (rho_t = rho_0 / sqrt(t), the only schedule the paper writes down: \"we "
+                    "reduce rho progressively\", Theorem 2) or constant (rho_t = rho_0, as SAM)")
+    eflat_norm: str = dio.help_field(
+        "layer", "eflat-lora: layer (each layer's perturbation has norm rho_t: eq. 9 is per weight matrix and "
+                 "Theorem 1's proof normalises by the layer's ||G_t||_F) or global (one norm over all layers, SAM)")
+    eflat_beta: float = dio.help_field(
+        0.5, "eflat-lora: EMA weight of the newest perturbation, in (0, 1] (our choice: not in the paper's text "
+             "available here; 1 = reuse the previous step's perturbation only)")
     max_length: int = dio.help_field(64, "text: tokens per example (longer ones are cut)")
     image_size: int = dio.help_field(64, "vision: input resolution in pixels")
     severities: list[int] = dio.help_field([1, 2, 3, 4, 5], "vision: corruption severities evaluated (1..5)")
@@ -118,6 +130,15 @@ class ExperimentConfig(dio.DataclassIO):
                 check_number("rho", v, 0)
             if len(set(self.rho)) != len(self.rho):
                 raise ValueError(f"rho {self.rho} must not repeat values")
+        from .peers import EFLAT_NORMS, EFLAT_SCHEDULES
+
+        check_number("eflat_rho", self.eflat_rho, 0)
+        check_number("eflat_beta", self.eflat_beta, 0, above=True)
+        if self.eflat_beta > 1:
+            raise ValueError(f"eflat_beta={self.eflat_beta!r} must be in (0, 1]: the EMA weight of the newest "
+                             "perturbation (1 = no averaging)")
+        check_choice("eflat_schedule", self.eflat_schedule, EFLAT_SCHEDULES)
+        check_choice("eflat_norm", self.eflat_norm, EFLAT_NORMS)
         check_number("label_noise", self.label_noise, 0, 1)
         check_count("sharpness_batches", self.sharpness_batches, 0)
         check_count("sharpness_samples", self.sharpness_samples)

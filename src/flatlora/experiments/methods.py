@@ -139,7 +139,7 @@ class Method:
 
     def __init__(self, spec: MethodSpec, model: nn.Module, loss_fn: LossFn, *, total_steps: int, seed: int,
                  rho: float, sam_rho: float, sam_w_rho: float, heldout: Callable[[], list[dict]] | None = None,
-                 steps_per_epoch: int | None = None) -> None:
+                 steps_per_epoch: int | None = None, eflat: dict[str, Any] | None = None) -> None:
         self.spec = spec
         self.model = model
         self.loss_fn = loss_fn
@@ -162,7 +162,7 @@ class Method:
         elif spec.rule == "eflat":
             from .peers import EFlatLoRA
 
-            self.eflat = EFlatLoRA(model)
+            self.eflat = EFlatLoRA(model, **(eflat or {}))  # rho, beta, schedule, norm
         if spec.init == "alora":
             from ..alora import ALoRA
 
@@ -178,7 +178,8 @@ class Method:
         from . import peers
 
         radius = {"flat": self.flat.config.rho if self.flat is not None else 0.0, "sam-ab": self.sam_rho,
-                  "sam-w": self.sam_w_rho, "bi-lora": peers.BI_LORA_RHO, "eflat": peers.EFLAT_RHO}
+                  "sam-w": self.sam_w_rho, "bi-lora": peers.BI_LORA_RHO,
+                  "eflat": self.eflat.rho if self.eflat is not None else 0.0}
         return radius.get(self.spec.rule, 0.0)
 
     def sigma(self, t: int) -> float:

@@ -26,7 +26,9 @@ optimizer updates the clean ``B`` with those gradients. ``^+`` is the pseudo-inv
 ``B = 0`` at init gives ``(B^T)^+ = 0`` rather than a failure). Published: ``rho`` between 0.05 and 0.2 (its
 Qwen-VL table), "we reduce rho progressively" with ``rho_t = rho / sqrt(t)`` the only schedule it writes down
 (Theorem 2). Not published in the text available here: ``beta`` and the per-task ``rho`` (tables given as images);
-the choices ``rho = 0.05``, ``beta = 0.5`` are ours (docs/peers.md).
+the choices ``rho = 0.05``, ``beta = 0.5`` are ours (docs/peers.md). The norm of ``E_W`` is per layer by default
+(eq. 9 and Theorem 1's proof, docs/peers.md) or global (``norm="global"``, SAM's); ``rho``, ``beta``, the
+schedule and the norm are `flatlora compare` options (``--eflat-*``).
 """
 
 from __future__ import annotations
@@ -132,40 +134,71 @@ class BiLoRA:
 
 
 # --- EFlat-LoRA ------------------------------------------------------------------------------------------
-def eflat_perturbation(grad_a: torch.Tensor, grad_b: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                       scaling: float, rho: float) -> torch.Tensor:
-    """``E_B = (1/s) E_W A^+`` with ``E_W = rho G / ||G||_F`` and ``G`` from eq. 12 (module docstring).
+def full_weight_gradient(grad_a: torch.Tensor, grad_b: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                         scaling: float) -> torch.Tensor:
+    """Eq. 12: ``G = (1/2) ((1/s) dL/dB (A^T)^+ + (1/s) (B^T)^+ dL/dA)``, ``(m, n)`` in float64.
 
-    Shapes: ``A (r, n)``, ``B (m, r)`` and their gradients (conv kernels flattened, ``E_B`` shaped as ``B``); zero
-    when ``G`` is zero. Computed in float64.
-    """
+    Shapes: ``A (r, n)``, ``B (m, r)`` and their gradients (conv kernels flattened)."""
     a2, b2 = _mat(a).double(), _mat(b).double()
     ga, gb = _mat(grad_a).double(), _mat(grad_b).double()
-    g = 0.5 * (gb @ torch.linalg.pinv(a2.T) + torch.linalg.pinv(b2.T) @ ga) / scaling
+    return 0.5 * (gb @ torch.linalg.pinv(a2.T) + torch.linalg.pinv(b2.T) @ ga) / scaling
+
+
+def onto_b(e_w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Eq. 15: ``E_B = (1/s) E_W A^+``, shaped and typed as ``B`` (``s E_B A = E_W A^+ A``, the part of ``E_W`` in
+    ``A``'s row space)."""
+    return ((e_w @ torch.linalg.pinv(_mat(a).double())) / scaling).reshape(b.shape).to(b.dtype)
+
+
+def eflat_perturbation(grad_a: torch.Tensor, grad_b: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                       scaling: float, rho: float) -> torch.Tensor:
+    """``E_B = (1/s) E_W A^+`` with ``E_W = rho G / ||G||_F`` (one layer's own norm) and ``G`` from eq. 12; zero
+    when ``G`` is zero. Shapes as `full_weight_gradient`, ``E_B`` as ``B``."""
+    g = full_weight_gradient(grad_a, grad_b, a, b, scaling)
     norm = torch.linalg.matrix_norm(g)
     if not bool(norm > 0):
         return torch.zeros_like(b)
-    e_w = (rho / norm) * g
-    return ((e_w @ torch.linalg.pinv(a2)) / scaling).reshape(b.shape).to(b.dtype)
+    return onto_b((rho / norm) * g, a, b, scaling)
+
+
+EFLAT_NORMS = {"layer": "each layer's E_W has norm rho_t (||G||_F of that layer; the reading of eq. 9 / Theorem 1)",
+               "global": "all layers' E_W together have norm rho_t (one norm over every layer's G, as SAM)"}
+EFLAT_SCHEDULES = {"inv-sqrt": "rho_t = rho / sqrt(t), t the optimizer step (the paper's Theorem 2)",
+                   "constant": "rho_t = rho at every step (SAM's)"}
 
 
 class EFlatLoRA:
-    """EFlat-LoRA's rule (module docstring). ``rho_t = rho / sqrt(t)``; ``schedule="constant"`` keeps ``rho``."""
+    """EFlat-LoRA's rule (module docstring).
+
+    ``rho``: ``rho_0``; ``schedule``: ``inv-sqrt`` (``rho_t = rho / sqrt(t)``) or ``constant``; ``norm``: ``layer``
+    (each layer's ``E_W`` has norm ``rho_t``) or ``global`` (``E_W = rho_t G / ||[G_1, ..., G_L]||``, SAM's one
+    norm); ``beta``: the EMA weight of the newest perturbation (``1``: no averaging, the previous step's)."""
 
     def __init__(self, model: nn.Module, rho: float = EFLAT_RHO, beta: float = EFLAT_BETA,
-                 schedule: str = "inv-sqrt", adapter: str = "default") -> None:
-        if not (isinstance(rho, (int, float)) and rho >= 0):
+                 schedule: str = "inv-sqrt", norm: str = "layer", adapter: str = "default") -> None:
+        from .._checks import check_choice
+
+        if isinstance(rho, bool) or not (isinstance(rho, (int, float)) and rho >= 0):
             raise ValueError(f"rho={rho!r} must be >= 0")
-        if not (isinstance(beta, (int, float)) and 0 < beta <= 1):
+        if isinstance(beta, bool) or not (isinstance(beta, (int, float)) and 0 < beta <= 1):
             raise ValueError(f"beta={beta!r} must be in (0, 1]: the EMA weight of the newest perturbation")
-        if schedule not in ("inv-sqrt", "constant"):
-            raise ValueError(f"schedule={schedule!r}; choose inv-sqrt (rho / sqrt(t), the paper's) or constant")
-        self.rho, self.beta, self.schedule = float(rho), float(beta), schedule
+        check_choice("schedule", schedule, EFLAT_SCHEDULES)
+        check_choice("norm", norm, EFLAT_NORMS)
+        self.rho, self.beta, self.schedule, self.norm = float(rho), float(beta), schedule, norm
         self.layers = [(a, b, s) for _, a, b, s in _factors(model, adapter)]
         self.ema: list[torch.Tensor | None] = [None] * len(self.layers)
 
     def rho_at(self, t: int) -> float:
         return self.rho / math.sqrt(t) if self.schedule == "inv-sqrt" else self.rho
+
+    def size(self) -> float:
+        """``sqrt(sum_l ||s Ê_l A_l||_F^2)``: the Frobenius norm of the full-weight perturbation the next step's
+        gradients are taken at (0 before the first step)."""
+        total = 0.0
+        for (a, _, s), e in zip(self.layers, self.ema):
+            if e is not None:
+                total += float((s * _mat(e).double() @ _mat(a.detach()).double()).square().sum())
+        return math.sqrt(total)
 
     def step(self, t: int, backward: Callable[[], float]) -> float:
         """Gradients of step ``t`` at ``B + Ê_{t-1}`` (``backward()`` runs forward/backward and returns the loss);
@@ -182,14 +215,21 @@ class EFlatLoRA:
             with torch.no_grad():
                 for (_, b, _), s in zip(self.layers, saved):
                     b.copy_(s)
+        grads = {k: full_weight_gradient(a.grad, b.grad, a.detach(), bt, s)
+                 for k, ((a, b, s), bt) in enumerate(zip(self.layers, perturbed))
+                 if a.grad is not None and b.grad is not None}
+        norms = {k: torch.linalg.matrix_norm(g) for k, g in grads.items()}
+        if self.norm == "global":
+            total = torch.sqrt(sum(n.square() for n in norms.values())) if norms else None
+            norms = {k: total for k in norms}
         rho = self.rho_at(t)
-        for k, ((a, b, s), bt) in enumerate(zip(self.layers, perturbed)):
-            if a.grad is None or b.grad is None:
-                continue
-            e = eflat_perturbation(a.grad, b.grad, a.detach(), bt, s, rho)
+        for k, g in grads.items():
+            a, b, s = self.layers[k]
+            e = onto_b((rho / norms[k]) * g, a.detach(), b, s) if bool(norms[k] > 0) else torch.zeros_like(b)
             self.ema[k] = e if self.ema[k] is None else (1 - self.beta) * self.ema[k] + self.beta * e
         return loss
 
 
-__all__ = ["BI_LORA_AUX", "BI_LORA_AUX_RANK", "BI_LORA_RHO", "BiLoRA", "EFLAT_BETA", "EFLAT_RHO", "EFlatLoRA",
-           "add_auxiliary_adapter", "aux_norm", "eflat_perturbation"]
+__all__ = ["BI_LORA_AUX", "BI_LORA_AUX_RANK", "BI_LORA_NORMS", "BI_LORA_RHO", "BiLoRA", "EFLAT_BETA", "EFLAT_NORMS",
+           "EFLAT_RHO", "EFLAT_SCHEDULES", "EFlatLoRA", "add_auxiliary_adapter", "aux_norm", "eflat_perturbation",
+           "full_weight_gradient", "onto_b"]

@@ -189,7 +189,9 @@ class _Training:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(data.steps, cfg.warmup_ratio))
         runner = Method(spec, model, data.task.loss, total_steps=data.steps, seed=seed, rho=rho,
                         sam_rho=cfg.sam_rho, sam_w_rho=cfg.sam_w_rho, heldout=data.heldout,
-                        steps_per_epoch=math.ceil(data.n_train / cfg.batch_size))
+                        steps_per_epoch=math.ceil(data.n_train / cfg.batch_size),
+                        eflat=dict(rho=cfg.eflat_rho, beta=cfg.eflat_beta, schedule=cfg.eflat_schedule,
+                                   norm=cfg.eflat_norm))
         return cls(params, opt, sched, runner)
 
     def step(self, t: int, batch: dict, seed: int, max_grad_norm: float) -> float:
