@@ -59,15 +59,18 @@ def test_help_renders_and_bad_flags_fail_cleanly(capsys):
     assert "rho=" in capsys.readouterr().err
 
 
-def test_eflat_options_are_validated_with_the_fix():
+def test_peer_options_are_validated_with_the_fix():
     from flatlora.experiments import preset
 
     cfg = preset("smoke", eflat_norm="global", eflat_schedule="constant", eflat_beta=1.0, eflat_rho=0.1)
     assert (cfg.eflat_norm, cfg.eflat_schedule, cfg.eflat_beta, cfg.eflat_rho) == ("global", "constant", 1.0, 0.1)
+    assert preset("smoke", bi_lora_norm="unscaled").bi_lora_norm == "unscaled"
     for bad, match in ((dict(eflat_norm="all"), "eflat_norm='all' is unknown; choose 'layer'"),
                        (dict(eflat_schedule="cos"), "eflat_schedule='cos' is unknown; choose 'inv-sqrt'"),
                        (dict(eflat_beta=0.0), "eflat_beta=0.0 must be a number > 0"),
                        (dict(eflat_beta=1.5), r"eflat_beta=1.5 must be in \(0, 1\]"),
-                       (dict(eflat_rho=-0.1), "eflat_rho=-0.1 must be a number >= 0")):
+                       (dict(eflat_rho=-0.1), "eflat_rho=-0.1 must be a number >= 0"),
+                       (dict(bi_lora_norm="s"), "bi_lora_norm='s' is unknown; choose 'scaled'"),
+                       (dict(bi_lora_rho=0.0), "bi_lora_rho=0.0 must be a number > 0")):
         with pytest.raises(ValueError, match=match):
             preset("smoke", **bad)

@@ -306,3 +306,52 @@ def test_eflat_perturbation_size_is_the_closed_form(norm, schedule):
         assert before == pytest.approx(math.sqrt(len(gs)) if norm == "layer" else 1.0, rel=1e-9)
         assert 0 < rule.size() <= rho_t * before * (1 + 1e-6)
         model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("norm", ["scaled", "unscaled"])
+def test_bi_lora_through_compares_adamw_step_matches_the_equations(norm):
+    """The path `flatlora compare` runs (`train._Training.step`: gradients, clipping over every trainable
+    parameter, AdamW, the learning-rate schedule, then eq. 10) against Adam written here from its formula: the
+    primary adapter descends with Adam on g, the auxiliary one ascends (Adam on -g, its own moments), both
+    after the shared global gradient clip; then eq. 10 on ||s2 B2 A2|| (scaled) or ||B2 A2|| (unscaled)."""
+    from flatlora.experiments.train import _lr_lambda, _Training
+
+    lr, wd, clip, rho, (b1, b2), eps = 0.05, 0.01, 1.0, 0.05, (0.9, 0.999), 1e-8
+    model = _model(aux=True)
+    p = _snapshot(model)
+    runner = Method(get_method("bi-lora"), model, _loss, total_steps=STEPS, seed=0, rho=0, sam_rho=0, sam_w_rho=0,
+                    bi_lora=dict(rho=rho, norm=norm))
+    params = [q for q in model.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    schedule = _lr_lambda(STEPS, 0.25)
+    training = _Training(params, opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule), runner)
+    keys = ("A1", "B1", "A2", "B2")
+    moments = {(n, k): [torch.zeros_like(p[n][k]), torch.zeros_like(p[n][k])] for n in p for k in keys}
+    clipped = grads_clipped = 0
+    for t, batch in enumerate(_batches(), start=1):
+        training.step(t, batch, seed=0, max_grad_norm=clip)
+        g = _grads(p, batch, keys)
+        total = math.sqrt(sum(float(g[n][k].square().sum()) for n in p for k in keys))
+        coef = min(1.0, clip / (total + 1e-6))
+        grads_clipped += coef < 1
+        step_lr = lr * schedule(t - 1)
+        for n, q in p.items():
+            for k in keys:
+                grad = coef * g[n][k] * (-1 if k.endswith("2") else 1)  # eq. 9: the auxiliary adapter ascends
+                m, v = moments[n, k]
+                m.mul_(b1).add_((1 - b1) * grad)
+                v.mul_(b2).add_((1 - b2) * grad * grad)
+                q[k] = q[k] * (1 - step_lr * wd) - step_lr / (1 - b1 ** t) * m / (v.sqrt() / math.sqrt(1 - b2 ** t) + eps)
+        s2 = {n: (q["s2"] if norm == "scaled" else 1.0) for n, q in p.items()}
+        c = math.sqrt(sum(float((s2[n] * q["B2"] @ q["A2"]).square().sum()) for n, q in p.items()))
+        if c > rho:  # eq. 10
+            clipped += 1
+            for q in p.values():
+                q["A2"], q["B2"] = q["A2"] * math.sqrt(rho / c), q["B2"] * math.sqrt(rho / c)
+        got = _snapshot(model)
+        for n in p:
+            for k in keys:
+                torch.testing.assert_close(got[n][k], p[n][k], rtol=1e-5, atol=1e-6, msg=f"{n}.{k} at step {t}")
+    assert clipped > 0 and grads_clipped > 0 and runner.rho == rho and runner.bilora.norm == norm
+    bound = math.sqrt(sum(float((s2[n] * q["B2"] @ q["A2"]).square().sum()) for n, q in p.items()))
+    assert bound <= rho * (1 + 1e-5)

@@ -50,6 +50,12 @@ class ExperimentConfig(dio.DataclassIO):
               "each Flat-LoRA method then runs at each (labelled e.g. flat-lora-rho0.1) against one baseline run")
     sam_rho: float = dio.help_field(0.003, "rho of lora-sam, SAM on A and B (paper's best: 0.003)")
     sam_w_rho: float = dio.help_field(0.05, "rho of sam-w, SAM on the merged weight W (paper's best: 0.05)")
+    bi_lora_rho: float = dio.help_field(0.05, "bi-lora: radius of the auxiliary adapter's perturbation (the paper's "
+                                              "GLUE/T5 and Llama setting, Appendix R)")
+    bi_lora_norm: str = dio.help_field(
+        "scaled", "bi-lora: which norm the radius bounds: scaled (||s2 B2 A2||, the merged weight's perturbation; "
+                  "the paper omits s \"as it can be incorporated into B and A\") or unscaled (||B2 A2||, its "
+                  "formula taken literally)")
     eflat_rho: float = dio.help_field(
         0.05, "eflat-lora: rho_0 of EFlat-LoRA's full-weight perturbation (our choice: its text shows 0.05 and 0.2 "
               "for Qwen-VL, its per-task tables were unreadable; docs/peers.md)")
@@ -130,8 +136,10 @@ class ExperimentConfig(dio.DataclassIO):
                 check_number("rho", v, 0)
             if len(set(self.rho)) != len(self.rho):
                 raise ValueError(f"rho {self.rho} must not repeat values")
-        from .peers import EFLAT_NORMS, EFLAT_SCHEDULES
+        from .peers import BI_LORA_NORMS, EFLAT_NORMS, EFLAT_SCHEDULES
 
+        check_number("bi_lora_rho", self.bi_lora_rho, 0, above=True)
+        check_choice("bi_lora_norm", self.bi_lora_norm, BI_LORA_NORMS)
         check_number("eflat_rho", self.eflat_rho, 0)
         check_number("eflat_beta", self.eflat_beta, 0, above=True)
         if self.eflat_beta > 1:

@@ -139,7 +139,8 @@ class Method:
 
     def __init__(self, spec: MethodSpec, model: nn.Module, loss_fn: LossFn, *, total_steps: int, seed: int,
                  rho: float, sam_rho: float, sam_w_rho: float, heldout: Callable[[], list[dict]] | None = None,
-                 steps_per_epoch: int | None = None, eflat: dict[str, Any] | None = None) -> None:
+                 steps_per_epoch: int | None = None, bi_lora: dict[str, Any] | None = None,
+                 eflat: dict[str, Any] | None = None) -> None:
         self.spec = spec
         self.model = model
         self.loss_fn = loss_fn
@@ -155,14 +156,17 @@ class Method:
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self._bases = _lora_base_layers(model) if spec.rule == "sam-w" else []
         self.bilora = self.eflat = self.alora = None
+        self._radius = 0.0
         if spec.rule == "bi-lora":
             from .peers import BiLoRA
 
-            self.bilora = BiLoRA(model)
+            self.bilora = BiLoRA(model, **(bi_lora or {}))  # rho, norm
         elif spec.rule == "eflat":
             from .peers import EFlatLoRA
 
             self.eflat = EFlatLoRA(model, **(eflat or {}))  # rho, beta, schedule, norm
+        if self.bilora is not None or self.eflat is not None:
+            self._radius = (self.bilora or self.eflat).rho  # kept: Bi-LoRA's rule is gone after `finish`
         if spec.init == "alora":
             from ..alora import ALoRA
 
@@ -175,11 +179,8 @@ class Method:
     @property
     def rho(self) -> float:
         """The rule's radius or noise level (0 for plain steps), as recorded in run.json."""
-        from . import peers
-
         radius = {"flat": self.flat.config.rho if self.flat is not None else 0.0, "sam-ab": self.sam_rho,
-                  "sam-w": self.sam_w_rho, "bi-lora": peers.BI_LORA_RHO,
-                  "eflat": self.eflat.rho if self.eflat is not None else 0.0}
+                  "sam-w": self.sam_w_rho, "bi-lora": self._radius, "eflat": self._radius}
         return radius.get(self.spec.rule, 0.0)
 
     def sigma(self, t: int) -> float:

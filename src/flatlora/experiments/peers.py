@@ -8,7 +8,9 @@ auxiliary adapters are clipped into a global ball (eq. 10):
 
     c = sqrt(sum_layers ||s2 B2 A2||_F^2);   if c > rho:  B2 <- sqrt(rho / c) B2,  A2 <- sqrt(rho / c) A2
 
-so the total weight perturbation ``s2 B2 A2`` has Frobenius norm at most ``rho``. After training the auxiliary
+so the total weight perturbation ``s2 B2 A2`` has Frobenius norm at most ``rho``. The paper writes ``||B2 A2||_F``,
+"omitting the scaling factor s", which it "can be incorporated into B and A"; ``norm="unscaled"`` takes the
+formula literally (``c = sqrt(sum ||B2 A2||^2)``, a radius of ``rho s2`` in the merged weight). After training the auxiliary
 adapter is deleted; the model is ``W0 + s1 B1 A1``. Defaults from the paper: ``rho = 0.05`` (its GLUE/T5 and
 Llama settings), auxiliary rank 8 (its "task-agnostic default"), auxiliary init PEFT's (``B2 = 0``).
 
@@ -96,18 +98,31 @@ def add_auxiliary_adapter(model: nn.Module, rank: int = BI_LORA_AUX_RANK, name: 
 
 def aux_norm(pairs: list[tuple[torch.Tensor, torch.Tensor, float]]) -> float:
     """``c = sqrt(sum ||s B A||_F^2)`` over ``(A, B, s)`` (conv kernels flattened), in float64."""
-    return math.sqrt(sum(float(((s * _mat(b).double()) @ _mat(a).double()).square().sum()) for a, b, s in pairs))
+    return math.sqrt(sum(float(((s * _mat(b).detach().double()) @ _mat(a).detach().double()).square().sum())
+                         for a, b, s in pairs))
+
+
+BI_LORA_NORMS = {"scaled": "||s2 B2 A2||: the perturbation the merged weight really gets (the paper folds s into "
+                            "B and A)",
+                 "unscaled": "||B2 A2||: the paper's formula taken literally, omitting s (the radius is then "
+                             "rho * s2 in the merged weight)"}
 
 
 class BiLoRA:
-    """Bi-LoRA's rule on a PEFT model holding the auxiliary adapter (`add_auxiliary_adapter`)."""
+    """Bi-LoRA's rule on a PEFT model holding the auxiliary adapter (`add_auxiliary_adapter`).
+
+    ``norm``: which norm eq. 10 clips (`BI_LORA_NORMS`): ``scaled`` (``sqrt(sum ||s2 B2 A2||^2)``, default) or
+    ``unscaled`` (``sqrt(sum ||B2 A2||^2)``, the paper's formula with ``s`` omitted)."""
 
     def __init__(self, model: nn.Module, rho: float = BI_LORA_RHO, aux: str = BI_LORA_AUX,
-                 primary: str = "default") -> None:
-        if not (isinstance(rho, (int, float)) and rho > 0):
+                 primary: str = "default", norm: str = "scaled") -> None:
+        from .._checks import check_choice
+
+        if isinstance(rho, bool) or not (isinstance(rho, (int, float)) and rho > 0):
             raise ValueError(f"rho={rho!r} must be > 0: the radius of the auxiliary perturbation")
-        self.model, self.rho, self.aux, self.primary = model, float(rho), aux, primary
-        self.layers = [(a, b, s) for _, a, b, s in _factors(model, aux)]
+        check_choice("norm", norm, BI_LORA_NORMS)
+        self.model, self.rho, self.aux, self.primary, self.norm = model, float(rho), aux, primary, norm
+        self.layers = [(a, b, s if norm == "scaled" else 1.0) for _, a, b, s in _factors(model, aux)]
 
     def ascend(self) -> None:
         """Negate the auxiliary gradients: the optimizer's descent step is then eq. 9's ascent."""

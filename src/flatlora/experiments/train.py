@@ -190,6 +190,7 @@ class _Training:
         runner = Method(spec, model, data.task.loss, total_steps=data.steps, seed=seed, rho=rho,
                         sam_rho=cfg.sam_rho, sam_w_rho=cfg.sam_w_rho, heldout=data.heldout,
                         steps_per_epoch=math.ceil(data.n_train / cfg.batch_size),
+                        bi_lora=dict(rho=cfg.bi_lora_rho, norm=cfg.bi_lora_norm),
                         eflat=dict(rho=cfg.eflat_rho, beta=cfg.eflat_beta, schedule=cfg.eflat_schedule,
                                    norm=cfg.eflat_norm))
         return cls(params, opt, sched, runner)
