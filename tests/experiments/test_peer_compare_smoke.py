@@ -35,6 +35,17 @@ def test_peer_methods_smoke(tmp_path, monkeypatch, threads):
     assert [p["method"] for p in results["paired"]] == ["bi-lora", "eflat-lora", "alora+flat"]
     runs = {m: json.loads((tmp_path / m / "seed0" / "run.json").read_text()) for m in METHODS}
     assert runs["bi-lora"]["rho"] == 0.05 and runs["eflat-lora"]["rho"] == 0.05 and runs["alora"]["rho"] == 0.0
+    # trainable parameters as the papers count them (open ranks; the primary adapter), the rest beside: r 8 on 12
+    # modules of 384 -> 384 is 12 x 8 x 768 = 73,728 (ALoRA's closed reserve of 8 more slots, Bi-LoRA's rank 8)
+    for method in ("bi-lora", "alora"):
+        assert runs[method]["trainable_params"] == runs["lora"]["trainable_params"]
+    assert runs["alora"]["reserve_params"] == runs["bi-lora"]["auxiliary_params"] == 12 * 8 * 768
+    assert runs["alora"]["optimized_params"] == runs["lora"]["trainable_params"] + 12 * 8 * 768
+    table = (tmp_path / "table.md").read_text()
+    lora_row = next(line for line in table.splitlines() if line.startswith("| lora |"))
+    assert lora_row.endswith(f"| {runs['lora']['trainable_params']:,} |")
+    assert f"| {runs['lora']['trainable_params']:,} (+73,728 reserve) |" in table
+    assert f"| {runs['lora']['trainable_params']:,} (+73,728 auxiliary) |" in table
     # Bi-LoRA: the auxiliary adapter is not in the saved adapter
     saved = load_file(tmp_path / "bi-lora" / "seed0" / "adapter" / "adapter_model.safetensors")
     assert saved and not any("bilora_aux" in k for k in saved)

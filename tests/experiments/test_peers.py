@@ -341,7 +341,8 @@ def test_bi_lora_through_compares_adamw_step_matches_the_equations(norm):
                 m, v = moments[n, k]
                 m.mul_(b1).add_((1 - b1) * grad)
                 v.mul_(b2).add_((1 - b2) * grad * grad)
-                q[k] = q[k] * (1 - step_lr * wd) - step_lr / (1 - b1 ** t) * m / (v.sqrt() / math.sqrt(1 - b2 ** t) + eps)
+                adam = m / (1 - b1 ** t) / (v.sqrt() / math.sqrt(1 - b2 ** t) + eps)
+                q[k] = q[k] * (1 - step_lr * wd) - step_lr * adam
         s2 = {n: (q["s2"] if norm == "scaled" else 1.0) for n, q in p.items()}
         c = math.sqrt(sum(float((s2[n] * q["B2"] @ q["A2"]).square().sum()) for n, q in p.items()))
         if c > rho:  # eq. 10
@@ -355,3 +356,20 @@ def test_bi_lora_through_compares_adamw_step_matches_the_equations(norm):
     assert clipped > 0 and grads_clipped > 0 and runner.rho == rho and runner.bilora.norm == norm
     bound = math.sqrt(sum(float((s2[n] * q["B2"] @ q["A2"]).square().sum()) for n, q in p.items()))
     assert bound <= rho * (1 + 1e-5)
+
+
+def test_trainable_params_count_as_the_papers_with_the_rest_beside():
+    """Counted from the layer shapes (fc1 12 -> 10, fc2 10 -> 3: a rank is n + m parameters, 22 and 13):
+    ALoRA counts its open ranks, the closed reserve beside; Bi-LoRA its primary adapter, the auxiliary beside."""
+    alora = _alora_method(total_steps=8, steps_per_epoch=4)  # 2 of 4 slots open per module
+    params = [p for p in alora.model.parameters() if p.requires_grad]
+    assert alora.param_counts(params) == {"trainable_params": 2 * 22 + 2 * 13, "reserve_params": 2 * 22 + 2 * 13,
+                                          "optimized_params": 4 * 22 + 4 * 13}
+    model = _model(aux=True)  # primary rank 3, auxiliary rank 2
+    params = [p for p in model.parameters() if p.requires_grad]
+    bi = Method(get_method("bi-lora"), model, _loss, total_steps=4, seed=0, rho=0, sam_rho=0, sam_w_rho=0)
+    bi.finish()  # counted before the auxiliary adapter is deleted
+    assert bi.param_counts(params) == {"trainable_params": 3 * 22 + 3 * 13, "auxiliary_params": 2 * 22 + 2 * 13,
+                                       "optimized_params": 5 * 22 + 5 * 13}
+    lora = Method(get_method("lora"), _model(), _loss, total_steps=4, seed=0, rho=0, sam_rho=0, sam_w_rho=0)
+    assert lora.param_counts(lora.trainable) == {"trainable_params": 3 * 35, "optimized_params": 3 * 35}

@@ -157,10 +157,13 @@ class Method:
         self._bases = _lora_base_layers(model) if spec.rule == "sam-w" else []
         self.bilora = self.eflat = self.alora = None
         self._radius = 0.0
+        self._aux_params = 0
         if spec.rule == "bi-lora":
-            from .peers import BiLoRA
+            from .peers import BI_LORA_AUX, BiLoRA
 
             self.bilora = BiLoRA(model, **(bi_lora or {}))  # rho, norm
+            self._aux_params = sum(p.numel() for n, p in model.named_parameters()
+                                   if p.requires_grad and f".{BI_LORA_AUX}." in n)
         elif spec.rule == "eflat":
             from .peers import EFlatLoRA
 
@@ -214,6 +217,30 @@ class Method:
             self.alora.update(t, optimizer)
         if self.bilora is not None:
             self.bilora.clip()
+
+    def param_counts(self, params: list[nn.Parameter]) -> dict[str, Any]:
+        """``trainable_params`` as the papers count them, and the optimizer's other parameters beside it.
+
+        ``params``: what the optimizer updates. ALoRA counts its open ranks (a rank of a module ``m x n`` is a row
+        of ``A`` and a column of ``B``: ``n + m`` parameters; the final pattern), its closed slots are
+        ``reserve_params``; Bi-LoRA counts the primary adapter, its auxiliary adapter is ``auxiliary_params``
+        (counted before `finish` deletes it). Other trainable parameters (a classifier head) count for all.
+        ``optimized_params`` is everything the optimizer held."""
+        total = sum(p.numel() for p in params)
+        out: dict[str, Any] = {"trainable_params": total, "optimized_params": total}
+        if self.spec.rule == "bi-lora":
+            out.update(trainable_params=total - self._aux_params, auxiliary_params=self._aux_params)
+        if self.alora is not None:
+            from ..alora.gates import gate_of
+
+            reserve = 0
+            for _, layer in self.alora.layers:
+                a = layer.lora_A[self.alora.config.adapter].weight
+                b = layer.lora_B[self.alora.config.adapter].weight
+                per_rank = a[0].numel() + b[:, 0].numel()
+                reserve += int((gate_of(layer) == 0).sum()) * per_rank
+            out.update(trainable_params=total - reserve, reserve_params=reserve)
+        return out
 
     def record(self) -> dict[str, Any]:
         """What run.json records of the rule beyond its radius: ALoRA's schedule, the rounds it ran (their steps

@@ -10,9 +10,9 @@ auxiliary adapters are clipped into a global ball (eq. 10):
 
 so the total weight perturbation ``s2 B2 A2`` has Frobenius norm at most ``rho``. The paper writes ``||B2 A2||_F``,
 "omitting the scaling factor s", which it "can be incorporated into B and A"; ``norm="unscaled"`` takes the
-formula literally (``c = sqrt(sum ||B2 A2||^2)``, a radius of ``rho s2`` in the merged weight). After training the auxiliary
-adapter is deleted; the model is ``W0 + s1 B1 A1``. Defaults from the paper: ``rho = 0.05`` (its GLUE/T5 and
-Llama settings), auxiliary rank 8 (its "task-agnostic default"), auxiliary init PEFT's (``B2 = 0``).
+formula literally (``c = sqrt(sum ||B2 A2||^2)``, a radius of ``rho s2`` in the merged weight). After training
+the auxiliary adapter is deleted; the model is ``W0 + s1 B1 A1``. Defaults from the paper: ``rho = 0.05`` (its
+GLUE/T5 and Llama settings), auxiliary rank 8 (its "task-agnostic default"), auxiliary init PEFT's (``B2 = 0``).
 
 **EFlat-LoRA** (Deng, Zhu et al., arXiv 2508.00522; v3 calls it EFMLoRA; Algorithm 2, eqs. 12, 13, 15, 18).
 SAM's perturbation of the full weight, estimated from the LoRA gradients and put on ``B`` alone:

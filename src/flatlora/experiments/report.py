@@ -71,6 +71,8 @@ def summarize(runs: dict[str, list[dict]], cfg: ExperimentConfig) -> dict[str, A
             "train_loss": _stat([r["metrics"]["train_loss"] for r in rs]),
             "step_s": _stat([r["timings"]["step_s_mean"] for r in rs]),
             "peak_memory_mib": _stat([r["timings"]["peak_memory_mib"] for r in rs]),
+            "trainable_params": rs[0].get("trainable_params"),
+            "extra_params": {k: rs[0][k] for k in ("reserve_params", "auxiliary_params") if rs[0].get(k)},
             "train_s": _stat([r["timings"]["train_s"] for r in rs]),
             "ood": {k: _stat([r["metrics"]["ood"][k] for r in rs]) for k in rs[0]["metrics"]["ood"]},
             "ood_groups": {k: _stat([r["metrics"]["ood_groups"][k] for r in rs])
@@ -142,13 +144,15 @@ def table_md(results: dict[str, Any]) -> str:
     lines = [f"Task `{results['task']}`: {results['n_train']} training examples, {results['steps']} steps "
              f"(batch {cfg['batch_size']}, lr {cfg['lr']}), test n={results['n_test']}, "
              f"OOD n={_ood_n(results)}; mean ± std over seeds.", "",
-             "| method | seeds | test acc (%) | OOD acc (%) | train loss | s/step | peak mem (MiB) |",
-             "|---|---|---|---|---|---|---|"]
+             "| method | seeds | test acc (%) | OOD acc (%) | train loss | s/step | peak mem (MiB) "
+             "| trainable params |",
+             "|---|---|---|---|---|---|---|---|"]
     for label, m in ms.items():
         tl = m["train_loss"]
         tl_s = f"{tl['mean']:.4f}" + (f" ± {tl['std']:.4f}" if tl["n"] > 1 else "")
         lines.append(f"| {label} | {len(m['seeds'])} | {fmt_pct(m['test_accuracy'])} | {fmt_pct(m['ood_accuracy'])} | "
-                     f"{tl_s} | {m['step_s']['mean']:.3f} | {m['peak_memory_mib']['mean']:.0f} |")
+                     f"{tl_s} | {m['step_s']['mean']:.3f} | {m['peak_memory_mib']['mean']:.0f} | "
+                     f"{_params(m)} |")
     groups = next((list(m["ood_groups"]) for m in ms.values() if m["ood_groups"]), [])
     if groups:
         lines += ["", "OOD accuracy (%) per corruption severity (mean over corruption types):", "",
@@ -178,6 +182,15 @@ def table_md(results: dict[str, Any]) -> str:
                              f"{d['n']} |")
     lines += _set_diff_table(results["paired"]) + _flatness_diff_table(results["paired"])
     return "\n".join(lines) + "\n"
+
+
+def _params(m: dict) -> str:
+    """``trainable_params`` as the papers count them, with ALoRA's reserve / Bi-LoRA's auxiliary adapter beside."""
+    n = m.get("trainable_params")
+    if n is None:  # a run.json written before the count was recorded
+        return "–"
+    extra = "".join(f" (+{v:,} {k.removesuffix('_params')})" for k, v in m.get("extra_params", {}).items())
+    return f"{n:,}{extra}"
 
 
 def _num(s: dict) -> str:

@@ -285,7 +285,7 @@ def train_run(cfg: ExperimentConfig, method: str, rank: int, seed: int, run_dir:
         info = {
             "label": label, "task": cfg.task, "method": method, "rank": rank, "seed": seed,
             "description": spec.description, "rho": training.runner.rho,
-            "steps": data.steps, "n_train": data.n_train, "trainable_params": sum(p.numel() for p in training.params),
+            "steps": data.steps, "n_train": data.n_train, **training.runner.param_counts(training.params),
             **training.runner.record(), "metrics": metrics, "final_running_loss": mean(curve["loss"][-10:]),
             "timings": timings(clock, step_times, mem, data.device),
             "config": cfg.to_dict(), "versions": _versions(),
