@@ -10,6 +10,7 @@ change, which adds or selects runs).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import time
@@ -69,6 +70,7 @@ def _logger(root: Path, echo: bool) -> logging.Logger:
 
 def plan_text(cfg: ExperimentConfig) -> str:
     """What the config will run, in words (printed before a compare starts)."""
+    from .methods import alora_config, get_method
     from .tasks import get_task
     from .train import SHARPNESS_BATCH, total_steps
 
@@ -76,6 +78,11 @@ def plan_text(cfg: ExperimentConfig) -> str:
     splits = task.run_splits(cfg)
     steps = total_steps(cfg, len(splits.train))
     n_ood = {k: len(v) for k, v in splits.ood.items()}
+    alora = ""
+    if any(get_method(m).init == "alora" for m in cfg.methods):
+        rounds = alora_config(1, steps, math.ceil(len(splits.train) / cfg.batch_size), 0).round_steps()
+        alora = (f"\n  alora: r open of 2r slots per module, {len(rounds)} reallocation round(s)"
+                 + (f" after steps {', '.join(map(str, rounds))}" if rounds else ""))
     return (f"preset {cfg.preset!r}, task {cfg.task} ({task.description})\n"
             f"  {len(splits.train)} training examples, {steps} steps of batch {cfg.batch_size} "
             f"({'max_steps' if cfg.max_steps else f'{cfg.epochs:g} epochs'}), test {len(splits.test)}, "
@@ -83,6 +90,10 @@ def plan_text(cfg: ExperimentConfig) -> str:
             f"  methods {', '.join(cfg.methods)} x ranks {cfg.ranks} x seeds {cfg.seeds} "
             f"= {len(cfg.run_labels())} runs; flat-lora rho {', '.join(f'{r:g}' for r in cfg.flat_rhos())}, "
             f"lora-sam rho {cfg.sam_rho}, sam-w rho {cfg.sam_w_rho}, lr {cfg.lr}"
+            + (f"\n  bi-lora rho {cfg.bi_lora_rho} ({cfg.bi_lora_norm} norm)" if "bi-lora" in cfg.methods else "")
+            + (f"\n  eflat-lora rho {cfg.eflat_rho} ({cfg.eflat_schedule}, {cfg.eflat_norm} norm), beta "
+               f"{cfg.eflat_beta}" if "eflat-lora" in cfg.methods else "")
+            + alora
             + (f"\n  label noise: {cfg.label_noise:g} of the training labels" if cfg.label_noise else "")
             + (f"\n  flatness measured after training on {cfg.sharpness_batches} x {SHARPNESS_BATCH} training examples"
                if cfg.sharpness_batches else ""))

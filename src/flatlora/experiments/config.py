@@ -194,6 +194,9 @@ _MAP_TEXT: dict[str, Any] = dict(train_size=256, epochs=20.0, batch_size=16, tes
                                  max_length=32, train_loss_size=256, seeds=[0, 1, 2, 3, 4], rho=[0.05, 0.1, 0.2],
                                  sharpness_batches=4)
 
+_MAP_VISION: dict[str, Any] = dict(task="vision", train_size=512, epochs=15.0, test_size=2000, ood_size=400,
+                                   image_size=48, train_loss_size=512, seeds=[0, 1, 2, 3, 4], sharpness_batches=4)
+
 # Presets: named starting points. Sizes were chosen from step times measured on the 2-core machine
 # (docs/experiments.md); `flatlora compare --preset NAME --dry-run` prints the resolved config and run count.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -234,9 +237,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                             label_noise=0.2),
     # vision trained to convergence: 512 Fashion-MNIST images x 15 epochs = 240 steps (a LoRA pilot, seed 99:
     # clean train loss 0.0002 after 20 epochs), every corruption type at every severity
-    "map-vision": dict(name="map-vision", task="vision", train_size=512, epochs=15.0, test_size=2000,
-                       ood_size=400, image_size=48, train_loss_size=512, seeds=[0, 1, 2, 3, 4], rho=[0.15, 0.3],
-                       methods=["lora", "flat-lora"], sharpness_batches=4),
+    "map-vision": dict(name="map-vision", **_MAP_VISION, rho=[0.15, 0.3], methods=["lora", "flat-lora"]),
+    # the peer map (docs/experiments.md, pre-registered before any of its runs): every flat-minimum LoRA method in
+    # the map's vision regime, Flat-LoRA at rho 0.15; the peers at their defaults (their papers' settings)
+    "peer-map-vision": dict(name="peer-map-vision", **_MAP_VISION, rho=[0.15],
+                            methods=["lora", "flat-lora", "lora-sam", "sam-w", "bi-lora", "eflat-lora", "alora",
+                                     "alora+flat"]),
     # CI: every method on a tiny subset, a few steps
     "smoke": dict(name="smoke", methods=["lora", "flat-lora", "lora-sam", "sam-w"], seeds=[0, 1], train_size=48,
                   max_steps=3, batch_size=16, test_size=32, ood_size=32, max_length=24, eval_batch_size=32,
