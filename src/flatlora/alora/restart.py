@@ -18,7 +18,8 @@ AMSGrad's ``max_exp_avg_sq``) and the learning rate the step used (read by a pre
 stepping before or after does not matter). Weight decay (AdamW's decoupled, Adam's in the gradient) is the same
 for both and left alone. A slice is dropped from the hook once its two corrections equal the tensor's to
 ``1e-12``. Only ``torch.optim.Adam`` and ``AdamW`` (their per-element formula, ``step`` a scalar) are corrected;
-for any other optimizer the zeroed state is all there is.
+for any other optimizer the zeroed state is all there is. The reopened slices live on the optimizer object, not
+in its ``state_dict``: a run resumed from a checkpoint gives slices reopened before it the tensor's correction.
 """
 
 from __future__ import annotations
