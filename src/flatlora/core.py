@@ -235,12 +235,10 @@ class FlatLora:
         backward (after they have gathered it again) regenerates the same ``E`` from the spec's seed.
         """
         layer = self._exact_layers.get(target)  # one route per target, reused every step
-        if layer is None and target.quantized:  # bitsandbytes: deq(W) + E with one matmul, or the noise beside
-            layer = self._exact_layers[target] = QuantizedExactLayer(target.base, target.op, target.transposed,
-                                                                     adapter_switch(self.model, target))
-        if layer is None:
-            layer = self._exact_layers[target] = ExactLayer(target.base, target.op, target.transposed,
-                                                            adapter_switch(self.model, target))
+        if layer is None:  # bitsandbytes: deq(W) + E with one matmul (or the noise beside), `_quantized_op`
+            route = QuantizedExactLayer if target.quantized else ExactLayer
+            layer = self._exact_layers[target] = route(target.base, target.op, target.transposed,
+                                                       adapter_switch(self.model, target))
         # The spec is taken now, outside any torch.compile'd region (its Python cannot be traced); under FSDP2 or
         # ZeRO-3 the weights are shards until forward gathers them, so at the layer's first forward (a graph break).
         layer.begin(spec, now=now)
