@@ -40,10 +40,3 @@ def require(module: str, feature: str) -> ModuleType:
     except ImportError as exc:
         raise MissingExtraError(f"{feature} needs the optional package {pypi!r}, which is not installed "
                                 f"({exc}): pip install 'flatlora[{extra}]'") from None
-
-
-def require_extra(extra: str, feature: str) -> None:
-    """Check up front that every package of ``extra`` imports (a command fails before it starts, not hours in)."""
-    for top, (_, which) in _PACKAGES.items():
-        if which == extra:
-            require(top, feature)
