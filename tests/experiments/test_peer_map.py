@@ -14,8 +14,9 @@ def test_peer_map_preset_is_the_map_vision_regime_with_every_peer():
     # in run order: every method of seed 0, then of seed 1, ... (a cut-short study holds complete seeds)
     assert [lab[3] for lab in cfg.run_labels()] == [f"{m}/seed{s}" for s in range(5) for m in PEERS]
     assert cfg.flat_rhos() == [0.15] and [lab[4] for lab in cfg.run_labels()] == [0.15] * 40
-    same = {k: v for k, v in vision.to_dict().items() if k not in ("name", "preset", "methods", "rho")}
+    same = {k: v for k, v in vision.to_dict().items() if k not in ("name", "preset", "methods", "rho", "also_against")}
     assert {k: cfg.to_dict()[k] for k in same} == same  # every other setting is the map's
+    assert cfg.also_against == ["lora", "flat-lora"]  # report only: P2 pairs every peer against Flat-LoRA too
     # the peers at the config's defaults (their papers' settings), not tuned for this regime
     assert not {"sam_rho", "sam_w_rho", "bi_lora_rho", "bi_lora_norm", "eflat_rho", "eflat_schedule", "eflat_norm",
                 "eflat_beta"} & set(PRESETS["peer-map-vision"])

@@ -3,8 +3,8 @@
 Finished runs (folders with a readable ``run.json``) are never re-run; a run whose ``run.json`` cannot be
 read (e.g. truncated) is re-run, with a warning naming the file; temp folders of an interrupted compare are
 removed and their runs started afresh. The folder's ``config.yaml`` pins everything that changes results:
-resuming with a different training setup is refused (only methods, seeds, ranks, device and threads may
-change, which adds or selects runs).
+resuming with a different training setup is refused (only methods, seeds, ranks, device, threads and the
+report's also_against may change, which adds or selects runs).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from .config import ExperimentConfig
 from .runs import RUN_FILE, clean_stale, is_finished, run_file_error
 
 # fields that select which runs exist (or where they run), not what a run computes
-_FREE_FIELDS = {"name", "preset", "methods", "seeds", "ranks", "device", "threads"}
+_FREE_FIELDS = {"name", "preset", "methods", "seeds", "ranks", "device", "threads", "also_against"}
 
 
 def default_root(cfg: ExperimentConfig) -> Path:

@@ -89,6 +89,10 @@ class ExperimentConfig(dio.DataclassIO):
     sharpness_sam_rho: float = dio.help_field(0.05, "radius of the SAM-sharpness probe (full and LoRA space)")
     hessian_iters: int = dio.help_field(8, "Lanczos steps of the top Hessian eigenvalue (on the first sharpness "
                                            "batch; 0 = skip)")
+    also_against: list[str] = dio.help_field(
+        [], "report only: every other method is also paired against each of these methods (e.g. flat-lora), "
+            "seed by seed; a pair whose initial adapters differ (ALoRA's gated 2r network against LoRA) is marked "
+            "'different init'")
     device: str = dio.help_field("auto", "auto (cuda if available), cpu or cuda")
     threads: int | None = dio.help_field(None, "torch CPU threads (None: torch's default)")
 
@@ -156,6 +160,10 @@ class ExperimentConfig(dio.DataclassIO):
         check_number("model_dropout", self.model_dropout, 0, 1, optional=True)
         check_number("warmup_ratio", self.warmup_ratio, 0, 1)
         check_number("lora_dropout", self.lora_dropout, 0, 1)
+        missing = [m for m in self.also_against if m not in self.methods]
+        if missing:
+            raise ValueError(f"also_against={missing} names method(s) not in methods {self.methods}; add them to "
+                             "--methods or drop them from --also-against")
         check_choice("device", self.device, {"auto": "cuda when available, else cpu", "cpu": "CPU only",
                                              "cuda": "a GPU"})
         validate_config(self)  # the task's name and the task-specific fields (max_length, image_size, ...)
@@ -248,7 +256,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the map's vision regime, Flat-LoRA at rho 0.15; the peers at their defaults (their papers' settings)
     "peer-map-vision": dict(name="peer-map-vision", **_MAP_VISION, rho=[0.15],
                             methods=["lora", "flat-lora", "lora-sam", "sam-w", "bi-lora", "eflat-lora", "alora",
-                                     "alora+flat"]),
+                                     "alora+flat"], also_against=["lora", "flat-lora"]),
     # CI: every method on a tiny subset, a few steps
     "smoke": dict(name="smoke", methods=["lora", "flat-lora", "lora-sam", "sam-w"], seeds=[0, 1], train_size=48,
                   max_steps=3, batch_size=16, test_size=32, ood_size=32, max_length=24, eval_batch_size=32,

@@ -121,7 +121,7 @@ def _plot_curves(plt, root: Path, runs: dict[str, list[dict]]) -> Path:
 
 
 def _plot_paired(plt, root: Path, results: dict) -> Path:
-    rows = [(f"{p['method']} − {p['baseline']}: {metric}", d) for p in results["paired"]
+    rows = [(f"{p['name']}: {metric}", d) for p in results["paired"]
             for metric, d in p["diffs"].items()]
     fig, ax = plt.subplots(figsize=(7, 0.9 + 0.35 * len(rows)))
     for i, (name, d) in enumerate(rows):
@@ -146,8 +146,12 @@ def _ci_bar(d: dict) -> tuple[list[float], list[float]] | None:
 def _plot_gain_severity(plt, root: Path, results: dict) -> Path:
     """Per Flat-LoRA method: the paired OOD gain per corruption type and severity (0 = the clean test set)."""
     pairs = [p for p in results["paired"] if any(split_set_name(k)[1] for k in p.get("ood_set_diffs") or {})]
-    fig, axes = plt.subplots(1, len(pairs), figsize=(5.2 * len(pairs), 4), squeeze=False, sharey=True)
-    for ax, p in zip(axes[0], pairs):
+    cols = min(len(pairs), 4)  # a peer map pairs a dozen methods: rows of four panels
+    rows = math.ceil(len(pairs) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4 * rows), squeeze=False, sharey=True)
+    for ax in axes.flat[len(pairs):]:
+        ax.set_visible(False)
+    for ax, p in zip(axes.flat, pairs):
         kinds: dict[str, list[tuple[int, dict]]] = {}
         for name, d in p["ood_set_diffs"].items():
             kind, sev = split_set_name(name)
@@ -165,9 +169,10 @@ def _plot_gain_severity(plt, root: Path, results: dict) -> Path:
             ax.errorbar(xs, [100 * d["mean"] for _, d in pts], yerr=err, label=kind, **style)
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xlabel("corruption severity (0 = clean test set)")
-        ax.set_title(f"{p['method']} − {p['baseline']}", fontsize=9)
+        ax.set_title(p["name"], fontsize=9)
         ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("paired accuracy gain (pp), 95% CI")
+    for row in axes:
+        row[0].set_ylabel("paired accuracy gain (pp), 95% CI")
     return _save(plt, fig, root / "gain_severity.png")
 
 

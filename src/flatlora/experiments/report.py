@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from .._jsonio import as_float
 from .config import ExperimentConfig
-from .methods import paired_baseline, uses_flat_rho
+from .methods import get_method, paired_baseline, uses_flat_rho
 from .runs import read_run, split_set_name, write_json_atomic, write_text_atomic
 from .stats import mean_ci, paired_diff, slope
 
@@ -87,42 +87,56 @@ def summarize(runs: dict[str, list[dict]], cfg: ExperimentConfig) -> dict[str, A
         if m["ood_groups"]:
             m["severity_slope"] = _stat([severity_slope(r["metrics"]) for r in rs])
         methods[label] = m
-    paired = []
-    for method, rank, _, _, rho in cfg.run_labels():
-        label = cfg.method_label(method, rank, rho)
+    paired: list[dict[str, Any]] = []
+
+    def add(label: str, base_label: str, note: str = "") -> None:
+        if label in runs and base_label in runs and label != base_label and not any(
+                p["method"] == label and p["baseline"] == base_label for p in paired):
+            entry = _pair(runs[label], runs[base_label], label, base_label)
+            if entry is not None:
+                name = f"{label} − {base_label}" + (f" ({note})" if note else "")
+                paired.append({"name": name, **entry, **({"note": note} if note else {})})
+
+    labels = [(method, rank, rho, cfg.method_label(method, rank, rho)) for method, rank, _, _, rho in cfg.run_labels()]
+    for method, rank, rho, label in labels:  # each method against its own baseline (same init)
         base = paired_baseline(method)
-        if base is None or base not in cfg.methods or any(p["method"] == label for p in paired):
-            continue
-        base_label = cfg.method_label(base, rank, rho)
-        if label not in runs or base_label not in runs:
-            continue
-        a = {r["seed"]: r for r in runs[label]}
-        b = {r["seed"]: r for r in runs[base_label]}
-        seeds = sorted(set(a) & set(b))
-        if not seeds:
-            continue
-        metrics = {"test_accuracy": lambda r: as_float(r["metrics"]["test_accuracy"]),
-                   "ood_accuracy": lambda r: as_float(r["metrics"]["ood_accuracy"])}
-        for g in a[seeds[0]]["metrics"].get("ood_groups", {}):
-            metrics[f"ood {g}"] = lambda r, g=g: as_float(r["metrics"]["ood_groups"][g])
-        if a[seeds[0]]["metrics"].get("ood_groups"):
-            metrics["ood severity slope (per level)"] = lambda r: severity_slope(r["metrics"])
-
-        def diff(f) -> dict[str, Any]:
-            return paired_diff([f(a[s]) for s in seeds], [f(b[s]) for s in seeds]).to_dict()
-
-        entry = {"method": label, "baseline": base_label, "seeds": seeds,
-                 "diffs": {k: diff(f) for k, f in metrics.items()}}
-        sets = list(a[seeds[0]]["metrics"]["ood"])
-        if len(sets) > 1:
-            entry["ood_set_diffs"] = {k: diff(lambda r, k=k: as_float(r["metrics"]["ood"][k])) for k in sets}
-        if all(a[s]["metrics"].get("flatness") and b[s]["metrics"].get("flatness") for s in seeds):
-            entry["flatness_diffs"] = {k: diff(lambda r, k=k: _flatness(r, k)) for k in FLATNESS}
-        paired.append(entry)
+        if base is not None and base in cfg.methods:
+            add(label, cfg.method_label(base, rank, rho))
+    for base in cfg.also_against:  # then every method against each extra baseline (`also_against`)
+        for method, rank, rho, label in labels:
+            same = get_method(method).init == get_method(base).init
+            add(label, cfg.method_label(base, rank, rho), "" if same else "different init")
     first = next(iter(runs.values()))[0] if runs else {}
     return {"task": cfg.task, "config": cfg.to_dict(), "methods": methods, "paired": paired,
             "n_train": first.get("n_train"), "steps": first.get("steps"),
             "n_test": first.get("metrics", {}).get("n_test"), "n_ood": first.get("metrics", {}).get("n_ood")}
+
+
+def _pair(runs_a: list[dict], runs_b: list[dict], label: str, base_label: str) -> dict[str, Any] | None:
+    """Paired differences ``label − base_label`` over their common seeds (None without one)."""
+    a = {r["seed"]: r for r in runs_a}
+    b = {r["seed"]: r for r in runs_b}
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    metrics = {"test_accuracy": lambda r: as_float(r["metrics"]["test_accuracy"]),
+               "ood_accuracy": lambda r: as_float(r["metrics"]["ood_accuracy"])}
+    for g in a[seeds[0]]["metrics"].get("ood_groups", {}):
+        metrics[f"ood {g}"] = lambda r, g=g: as_float(r["metrics"]["ood_groups"][g])
+    if a[seeds[0]]["metrics"].get("ood_groups"):
+        metrics["ood severity slope (per level)"] = lambda r: severity_slope(r["metrics"])
+
+    def diff(f) -> dict[str, Any]:
+        return paired_diff([f(a[s]) for s in seeds], [f(b[s]) for s in seeds]).to_dict()
+
+    entry = {"method": label, "baseline": base_label, "seeds": seeds,
+             "diffs": {k: diff(f) for k, f in metrics.items()}}
+    sets = list(a[seeds[0]]["metrics"]["ood"])
+    if len(sets) > 1:
+        entry["ood_set_diffs"] = {k: diff(lambda r, k=k: as_float(r["metrics"]["ood"][k])) for k in sets}
+    if all(a[s]["metrics"].get("flatness") and b[s]["metrics"].get("flatness") for s in seeds):
+        entry["flatness_diffs"] = {k: diff(lambda r, k=k: _flatness(r, k)) for k in FLATNESS}
+    return entry
 
 
 def fmt_pct(s: dict) -> str:
@@ -178,7 +192,7 @@ def table_md(results: dict[str, Any]) -> str:
         for p in results["paired"]:
             for metric, d in p["diffs"].items():
                 ci, pv = ci_cells(d)
-                lines.append(f"| {p['method']} − {p['baseline']} | {metric} | {fmt_pp(d['mean'])} | {ci} | {pv} | "
+                lines.append(f"| {p['name']} | {metric} | {fmt_pp(d['mean'])} | {ci} | {pv} | "
                              f"{d['n']} |")
     lines += _set_diff_table(results["paired"]) + _flatness_diff_table(results["paired"])
     return "\n".join(lines) + "\n"
@@ -211,7 +225,7 @@ def _set_diff_table(paired: list[dict]) -> list[str]:
             kind, sev = split_set_name(name)
             grid.setdefault(kind, {})[sev] = d
         sevs = sorted({s for row in grid.values() for s in row}, key=lambda v: int(v) if v else 0)
-        out += ["", f"{p['method']} − {p['baseline']}: paired OOD gain per corruption and severity, pp [95% CI]:", "",
+        out += ["", f"{p['name']}: paired OOD gain per corruption and severity, pp [95% CI]:", "",
                 "| OOD set | " + " | ".join(f"severity {s}" if s else "accuracy" for s in sevs) + " |",
                 "|---|" + "---|" * len(sevs)]
         for kind, row in grid.items():
@@ -230,7 +244,7 @@ def _flatness_diff_table(paired: list[dict]) -> list[str]:
            "| comparison | measure | mean diff | 95% CI | p (paired t) | seeds |", "|---|---|---|---|---|---|"]
     for p, k, d in rows:
         ci, pv = ci_cells(d, fmt_units)
-        out.append(f"| {p['method']} − {p['baseline']} | {FLATNESS[k]} | {fmt_units(d['mean'])} | {ci} | {pv} | "
+        out.append(f"| {p['name']} | {FLATNESS[k]} | {fmt_units(d['mean'])} | {ci} | {pv} | "
                    f"{d['n']} |")
     return out
 
