@@ -278,7 +278,8 @@ def test_flat_lora_on_gated_convs_is_scaled_from_the_gated_weight_and_restores_b
 # --- (4) export --------------------------------------------------------------------------------------------------
 def test_conv_export_loads_with_peft_alone_and_gives_the_gated_outputs(tmp_path):
     model = _net(seed=4)
-    _set_gates(model, {"c3": [1.0, 0.0, 1.0, 1.0], "c1": [0.0, 0.0, 0.0, 0.0]})
+    gates = {"c3": [1.0, 0.0, 0.5, 2.0], "c1": [0.0] * R}  # gates other than 1 are folded into B' (per slot)
+    _set_gates(model, gates)
     model.eval()
     batch = _batch(seed=5)
     with torch.no_grad():
@@ -296,8 +297,8 @@ def test_conv_export_loads_with_peft_alone_and_gives_the_gated_outputs(tmp_path)
         got = loaded(**batch)["logits"]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert (other - want).abs().max() > 1e-3  # the closed ranks matter: the comparison can fail
-    torch.testing.assert_close(_forward(_reference_weights(model, {"c3": [1.0, 0.0, 1.0, 1.0], "c1": [0.0] * R}),
-                                        **batch), F.cross_entropy(got, batch["labels"]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(_forward(_reference_weights(model, gates), **batch),
+                               F.cross_entropy(got, batch["labels"]), rtol=1e-5, atol=1e-6)
 
 
 # --- (5) Linear + Conv2d in one model ----------------------------------------------------------------------------

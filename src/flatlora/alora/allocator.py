@@ -14,12 +14,12 @@ weights (outside ``FlatLora.perturbed``; the Trainer callback calls it at ``on_o
 Flat-LoRA's noise is gone), in eval mode (no dropout), under ``no_grad``, and puts the training mode back.
 
 A reopened slot starts like a fresh PEFT LoRA rank: its row of ``A`` (a conv layer: its filter ``A[i]``,
-``(c, kh, kw)``) is drawn Kaiming-uniform (``U(-1/sqrt(n), 1/sqrt(n))``, ``n`` its fan-in ``c·kh·kw`` for a
-conv, PEFT's ``kaiming_uniform_(a=sqrt(5))``) from a private generator keyed by ``(seed, round, module index,
-slot)``, its column of ``B`` (``B[:, i]``, ``(m, 1, 1)`` for a conv) is zero, so opening a rank does not change the
-model; the optimizer's state of that row and column (Adam's moments, ...) is zeroed when ``update`` is given
-the optimizer, and Adam's bias correction of the slice restarts with it (`flatlora.alora.restart`). Pruned
-slots keep their values behind a zero gate.
+``(c, kh, kw)``) is drawn Kaiming-uniform (``U(-1/sqrt(n), 1/sqrt(n))``, ``n`` its fan-in, ``c·kh·kw`` for a conv,
+PEFT's ``kaiming_uniform_(a=sqrt(5))``) from a private generator keyed by ``(seed, round, module index, slot)``,
+its column of ``B`` (``B[:, i]``, ``(m, 1, 1)`` for a conv) is zero, so opening a rank does not change the model;
+the optimizer's state of that row and column (Adam's moments, ...) is zeroed when ``update`` is given the
+optimizer, and Adam's bias correction of the slice restarts with it (`flatlora.alora.restart`). Pruned slots keep
+their values behind a zero gate.
 """
 
 from __future__ import annotations

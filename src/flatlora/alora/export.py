@@ -7,13 +7,12 @@ For each gated module with open slots ``O`` (``|O| = r_m``) the exported factors
                                                                      g = 1 for ALoRA's gates)
 
 so ``s · B' · A' = s · B · diag(g) · A`` exactly (closed slots contribute zero), for ``lora.Linear`` and
-``lora.Conv2d`` layers alike. The ``LoraConfig`` names the
-kept modules explicitly (``target_modules``), gives each its rank in ``rank_pattern`` and keeps the scaling ``s``
-of the gated model through ``alpha_pattern`` (``alpha_m = s · r_m``, or ``s · sqrt(r_m)`` with rsLoRA). A module
-whose ranks were all pruned is left out. The files are written by PEFT's own ``save_pretrained`` (given the
-sliced state dict, with the new config swapped in for the call): ``adapter_model.safetensors``,
-``adapter_config.json`` and the model card, loadable by plain ``PeftModel.from_pretrained`` and by servers that
-read PEFT adapters.
+``lora.Conv2d`` layers alike. The ``LoraConfig`` names the kept modules explicitly (``target_modules``), gives
+each its rank in ``rank_pattern`` and keeps the scaling ``s`` of the gated model through ``alpha_pattern``
+(``alpha_m = s · r_m``, or ``s · sqrt(r_m)`` with rsLoRA). A module whose ranks were all pruned is left out. The
+files are written by PEFT's own ``save_pretrained`` (given the sliced state dict, with the new config swapped in
+for the call): ``adapter_model.safetensors``, ``adapter_config.json`` and the model card, loadable by plain
+``PeftModel.from_pretrained`` and by servers that read PEFT adapters.
 """
 
 from __future__ import annotations
