@@ -13,12 +13,13 @@ it scores and reallocates when ``t`` is a round's step and does nothing otherwis
 weights (outside ``FlatLora.perturbed``; the Trainer callback calls it at ``on_optimizer_step``, after
 Flat-LoRA's noise is gone), in eval mode (no dropout), under ``no_grad``, and puts the training mode back.
 
-A reopened slot starts like a fresh PEFT LoRA rank: its row of ``A`` is drawn Kaiming-uniform
-(``U(-1/sqrt(n), 1/sqrt(n))``, PEFT's ``kaiming_uniform_(a=sqrt(5))``) from a private generator keyed by
-``(seed, round, module index, slot)``, its column of ``B`` is zero, so opening a rank does not change the
-model; the optimizer's state of that row and column (Adam's moments, ...) is zeroed when ``update`` is given
-the optimizer, and Adam's bias correction of the slice restarts with it (`flatlora.alora.restart`). Pruned
-slots keep their values behind a zero gate.
+A reopened slot starts like a fresh PEFT LoRA rank: its row of ``A`` (a conv layer: its filter ``A[i]``,
+``(c, kh, kw)``) is drawn Kaiming-uniform (``U(-1/sqrt(n), 1/sqrt(n))``, ``n`` its fan-in, ``c·kh·kw`` for a conv,
+PEFT's ``kaiming_uniform_(a=sqrt(5))``) from a private generator keyed by ``(seed, round, module index, slot)``,
+its column of ``B`` (``B[:, i]``, ``(m, 1, 1)`` for a conv) is zero, so opening a rank does not change the model;
+the optimizer's state of that row and column (Adam's moments, ...) is zeroed when ``update`` is given the
+optimizer, and Adam's bias correction of the slice restarts with it (`flatlora.alora.restart`). Pruned slots keep
+their values behind a zero gate.
 """
 
 from __future__ import annotations
@@ -175,9 +176,9 @@ class ALoRA:
             layer = self.layers[m][1]
             a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
             gen = torch.Generator().manual_seed(slot_seed(self.config.seed, round_, m, i))
-            bound = 1.0 / math.sqrt(a.shape[1])
-            row = (torch.rand(a.shape[1], generator=gen, dtype=torch.float64) * 2 - 1) * bound
-            a[i].copy_(row.to(a.dtype))
+            fan_in = a[i].numel()  # n (linear), c * kh * kw (conv): kaiming_uniform_'s fan-in of A
+            row = (torch.rand(fan_in, generator=gen, dtype=torch.float64) * 2 - 1) / math.sqrt(fan_in)
+            a[i].copy_(row.view(a[i].shape).to(a.dtype))
             b[:, i].zero_()
             gate_of(layer)[i] = 1.0
             if optimizer is not None:

@@ -2,16 +2,17 @@
 
 For each gated module with open slots ``O`` (``|O| = r_m``) the exported factors are
 
-    A' = A[O, :]            (r_m, n)
-    B' = B[:, O] * g[O]     (m, r_m)       (the gate folded into B; g = 1 for ALoRA's gates)
+    A' = A[O]               (r_m, n)      conv: (r_m, c, kh, kw)
+    B' = B[:, O] * g[O]     (m, r_m)      conv: (m, r_m, 1, 1)      (the gate folded into B over its rank dim 1;
+                                                                     g = 1 for ALoRA's gates)
 
-so ``s · B' · A' = s · B · diag(g) · A`` exactly (closed slots contribute zero). The ``LoraConfig`` names the
-kept modules explicitly (``target_modules``), gives each its rank in ``rank_pattern`` and keeps the scaling ``s``
-of the gated model through ``alpha_pattern`` (``alpha_m = s · r_m``, or ``s · sqrt(r_m)`` with rsLoRA). A module
-whose ranks were all pruned is left out. The files are written by PEFT's own ``save_pretrained`` (given the
-sliced state dict, with the new config swapped in for the call): ``adapter_model.safetensors``,
-``adapter_config.json`` and the model card, loadable by plain ``PeftModel.from_pretrained`` and by servers that
-read PEFT adapters.
+so ``s · B' · A' = s · B · diag(g) · A`` exactly (closed slots contribute zero), for ``lora.Linear`` and
+``lora.Conv2d`` layers alike. The ``LoraConfig`` names the kept modules explicitly (``target_modules``), gives
+each its rank in ``rank_pattern`` and keeps the scaling ``s`` of the gated model through ``alpha_pattern``
+(``alpha_m = s · r_m``, or ``s · sqrt(r_m)`` with rsLoRA). A module whose ranks were all pruned is left out. The
+files are written by PEFT's own ``save_pretrained`` (given the sliced state dict, with the new config swapped in
+for the call): ``adapter_model.safetensors``, ``adapter_config.json`` and the model card, loadable by plain
+``PeftModel.from_pretrained`` and by servers that read PEFT adapters.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def export_adapter(model: nn.Module, path: str | Path, adapter: str = "default")
             continue
         a, b = m.lora_A[adapter].weight.detach(), m.lora_B[adapter].weight.detach()
         state[keys[0]] = a[keep].contiguous()
-        state[keys[1]] = (b[:, keep] * gate[keep].to(b.dtype)).contiguous()
+        fold = gate[keep].to(b.dtype).view(1, -1, *([1] * (b.dim() - 2)))  # over B's rank dim 1 (conv: 4-D)
+        state[keys[1]] = (b[:, keep] * fold).contiguous()
         ranks[name.removeprefix(_PREFIX)] = len(keep)
     if not ranks:
         raise ValueError("every rank of every gated module is closed: there is no adapter to export")

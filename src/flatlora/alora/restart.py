@@ -1,8 +1,10 @@
 """A reopened ALoRA rank starts its optimizer state afresh, Adam's bias correction included.
 
 Reopening slot ``i`` zeroes the per-element optimizer state of row ``i`` of ``A`` and column ``i`` of ``B``
-(Adam's moments ``m``, ``v``), as for a new parameter. Adam's step counter ``T`` is one scalar per tensor, so the
-slice keeps the tensor's bias correction: at its ``k``-th update since reopening the slice moves by
+(``A[i]`` and ``B[:, i]``, whatever the tensors' other dims: a conv layer's ``(R, c, kh, kw)`` ``A`` and
+``(m, R, 1, 1)`` ``B``; Adam's moments ``m``, ``v``), as for a new parameter. Adam's step counter ``T`` is one
+scalar per tensor, so the slice keeps the tensor's bias correction: at its ``k``-th update since reopening the
+slice moves by
 
     lr · m / (1 - b1^T) / (sqrt(v / (1 - b2^T)) + eps)       instead of a fresh rank's
     lr · m / (1 - b1^k) / (sqrt(v / (1 - b2^k)) + eps)
