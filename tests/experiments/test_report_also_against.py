@@ -31,7 +31,7 @@ def test_every_method_is_paired_against_the_extra_baselines():
     cfg = ExperimentConfig(methods=list(ood), seeds=[0, 1, 2, 3, 4], also_against=["lora", "flat-lora"])
     paired = {p["name"]: p for p in summarize(runs, cfg)["paired"]}
     assert list(paired) == ["flat-lora − lora", "sam-w − lora", "alora − lora (different init)",
-                            "lora − flat-lora", "sam-w − flat-lora", "alora − flat-lora (different init)"]
+                            "sam-w − flat-lora", "alora − flat-lora (different init)"]  # not lora − flat-lora
     d = paired["sam-w − flat-lora"]["diffs"]["ood_accuracy"]
     diffs = [a - b for a, b in zip(ood["sam-w"], ood["flat-lora"])]
     mean = sum(diffs) / 5

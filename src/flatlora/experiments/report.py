@@ -3,7 +3,8 @@
 Per method (and rank, and rho in a rho sweep): mean +- sample std over seeds of in-domain test accuracy,
 out-of-domain accuracy (per severity for vision), final clean train loss, step time, peak memory, and the
 flatness measures when the runs took them. Paired differences (method - baseline, seed by seed: flat-lora -
-lora, lora-sam - lora, ..., X+flat - X) with Student-t 95% confidence intervals and the paired t-test p-value
+lora, lora-sam - lora, ..., X+flat - X; then every method against each of the config's ``also_against``, a
+pair of different initial adapters marked "different init") with Student-t 95% confidence intervals and the paired t-test p-value
 (undefined, shown "n/a", for one seed or when every paired difference is equal): of the accuracies (percentage
 points), of every OOD set (vision: per corruption type and severity), of the severity slope (the least-squares
 slope of OOD accuracy over severities, pp per level: the paired difference of slopes is the slope of the gain),
@@ -90,8 +91,8 @@ def summarize(runs: dict[str, list[dict]], cfg: ExperimentConfig) -> dict[str, A
     paired: list[dict[str, Any]] = []
 
     def add(label: str, base_label: str, note: str = "") -> None:
-        if label in runs and base_label in runs and label != base_label and not any(
-                p["method"] == label and p["baseline"] == base_label for p in paired):
+        if label in runs and base_label in runs and label != base_label and not any(  # nor its reverse
+                {p["method"], p["baseline"]} == {label, base_label} for p in paired):
             entry = _pair(runs[label], runs[base_label], label, base_label)
             if entry is not None:
                 name = f"{label} − {base_label}" + (f" ({note})" if note else "")
