@@ -144,7 +144,7 @@ def _ci_bar(d: dict) -> tuple[list[float], list[float]] | None:
 
 
 def _plot_gain_severity(plt, root: Path, results: dict) -> Path:
-    """Per Flat-LoRA method: the paired OOD gain per corruption type and severity (0 = the clean test set)."""
+    """Per paired comparison: the OOD gain per corruption type and severity (0 = the clean test set)."""
     pairs = [p for p in results["paired"] if any(split_set_name(k)[1] for k in p.get("ood_set_diffs") or {})]
     cols = min(len(pairs), 4)  # a peer map pairs a dozen methods: rows of four panels
     rows = math.ceil(len(pairs) / cols)

@@ -6,9 +6,9 @@ flatness measures when the runs took them. Paired differences (method - baseline
 lora, lora-sam - lora, ..., X+flat - X; then every method against each of the config's ``also_against``, a
 pair of different initial adapters marked "different init") with Student-t 95% confidence intervals and the
 paired t-test p-value (undefined, shown "n/a", for one seed or when every paired difference is equal): of the
-accuracies (percentage points), of every OOD set (vision: per corruption type and severity), of the severity slope (the least-squares
-slope of OOD accuracy over severities, pp per level: the paired difference of slopes is the slope of the gain),
-and of the flatness measures (in their own units). The figures are drawn by `.plots`.
+accuracies (percentage points), of every OOD set (vision: per corruption type and severity), of the severity
+slope (the least-squares slope of OOD accuracy over severities, pp per level: the paired difference of slopes is
+the slope of the gain), and of the flatness measures (in their own units). The figures are drawn by `.plots`.
 """
 
 from __future__ import annotations
