@@ -98,7 +98,8 @@ def summarize(runs: dict[str, list[dict]], cfg: ExperimentConfig) -> dict[str, A
                 name = f"{label} − {base_label}" + (f" ({note})" if note else "")
                 paired.append({"name": name, **entry, **({"note": note} if note else {})})
 
-    labels = [(method, rank, rho, cfg.method_label(method, rank, rho)) for method, rank, _, _, rho in cfg.run_labels()]
+    labels = list(dict.fromkeys((method, rank, rho, cfg.method_label(method, rank, rho))  # once, not once a seed
+                                for method, rank, _, _, rho in cfg.run_labels()))
     for method, rank, rho, label in labels:  # each method against its own baseline (same init)
         base = paired_baseline(method)
         if base is not None and base in cfg.methods:
@@ -167,7 +168,7 @@ def table_md(results: dict[str, Any]) -> str:
         tl_s = f"{tl['mean']:.4f}" + (f" ± {tl['std']:.4f}" if tl["n"] > 1 else "")
         lines.append(f"| {label} | {len(m['seeds'])} | {fmt_pct(m['test_accuracy'])} | {fmt_pct(m['ood_accuracy'])} | "
                      f"{tl_s} | {m['step_s']['mean']:.3f} | {m['peak_memory_mib']['mean']:.0f} | "
-                     f"{_params(m)} |")
+                     f"{fmt_params(m)} |")
     groups = next((list(m["ood_groups"]) for m in ms.values() if m["ood_groups"]), [])
     if groups:
         lines += ["", "OOD accuracy (%) per corruption severity (mean over corruption types):", "",
@@ -199,7 +200,7 @@ def table_md(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _params(m: dict) -> str:
+def fmt_params(m: dict) -> str:
     """``trainable_params`` as the papers count them, with ALoRA's reserve / Bi-LoRA's auxiliary adapter beside."""
     n = m.get("trainable_params")
     if n is None:  # a run.json written before the count was recorded
@@ -289,5 +290,5 @@ def write_report(root: str | Path, cfg: ExperimentConfig) -> dict[str, Any]:
     return results
 
 
-__all__ = ["FLATNESS", "ci_cells", "collect", "fmt_pct", "fmt_pp", "fmt_units", "severity_slope", "split_set_name",
+__all__ = ["FLATNESS", "ci_cells", "collect", "fmt_params", "fmt_pct", "fmt_pp", "fmt_units", "severity_slope", "split_set_name",
            "summarize", "table_md", "write_report"]
